@@ -37,3 +37,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def require_file(path: str | os.PathLike, what: str) -> None:
+    """Fail early, naming the missing ``what``, instead of deep inside a workflow."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no {what} here.")

@@ -1,0 +1,32 @@
+"""Chest X-ray data: image reading, dataset sources, labeled/unlabeled splits, synthetic demo data."""
+
+from monai_cxr_ssl.data.datasets import (
+    CHESTXRAY14_PATHOLOGIES,
+    ChestXray14,
+    ClassFolders,
+    CsvSource,
+    SourceData,
+    find_images,
+)
+from monai_cxr_ssl.data.readers import ImageReadError, LoadCXRImage, LoadCXRImaged, check_image, read_cxr
+from monai_cxr_ssl.data.splits import fingerprint, load_split, make_split, prepare_split
+from monai_cxr_ssl.data.synthetic import make_synthetic_dataset
+
+__all__ = [
+    "CHESTXRAY14_PATHOLOGIES",
+    "ChestXray14",
+    "ClassFolders",
+    "CsvSource",
+    "ImageReadError",
+    "LoadCXRImage",
+    "LoadCXRImaged",
+    "SourceData",
+    "check_image",
+    "find_images",
+    "fingerprint",
+    "load_split",
+    "make_split",
+    "make_synthetic_dataset",
+    "prepare_split",
+    "read_cxr",
+]

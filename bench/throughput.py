@@ -1,0 +1,149 @@
+"""Throughput of the teacher bundle's pieces against hand-written baselines measured in the same run.
+
+1. training: a plain PyTorch loop vs the bundle's ignite ``SupervisedTrainer`` (same network,
+   optimizer, loss, batches; in-memory data, so only the engine differs);
+2. inference: the bundle's evaluator with ``TenCropInferer`` vs a plain forward pass over the
+   same ten crops, cut beforehand;
+3. data: the bundle's training pre-processing (decode, resize, augment) on the real Kermany JPEGs,
+   against the training throughput at the same size.
+
+Prints images/s and ratios; asserts nothing.  Example (CPU size of the real-data benchmarks):
+
+    python bench/throughput.py --image-size 64 --crop-size 56 --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+from monai.data import DataLoader, Dataset
+
+from monai_cxr_ssl.transforms import ten_crop
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "cxr_classifier" / "configs"
+KERMANY = REPO.parent / "shared" / "data" / "kermany_pneumonia"
+
+
+def bundle_parser(args: argparse.Namespace, *configs: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / c) for c in configs])
+    parser.update(
+        {"bundle_root": str(CONFIGS.parent), "image_size": args.image_size, "crop_size": args.crop_size,
+         "batch_size": args.batch_size, "num_workers": 0, "device": "$torch.device('cpu')"}
+    )
+    return parser
+
+
+def in_memory_loader(args: argparse.Namespace, size: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    n = args.batch_size * args.iterations
+    items = [{"image": torch.rand(1, size, size, generator=g), "label": torch.randint(0, 2, (1,)).float()}
+             for _ in range(n)]
+    return DataLoader(Dataset(items), batch_size=args.batch_size, shuffle=False, num_workers=0)
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_training(args: argparse.Namespace) -> float:
+    loader = in_memory_loader(args, args.crop_size)
+    parser = bundle_parser(args, "train.json")
+    parser["train#dataloader"] = loader
+    parser["train#handlers"] = []
+    trainer = parser.get_parsed_content("train#trainer")
+    network, optimizer, loss_fn = (parser.get_parsed_content(k) for k in ("network", "optimizer", "loss"))
+
+    def plain():
+        network.train()
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(network(batch["image"]), batch["label"])
+            loss.backward()
+            optimizer.step()
+
+    def engine():
+        trainer.state.max_epochs = None  # run one more full epoch on every call
+        trainer.run(max_epochs=1)
+
+    n = len(loader.dataset)
+    plain_s, engine_s = timed(plain, args.repeats), timed(engine, args.repeats)
+    print(f"training   plain PyTorch loop : {n / plain_s:8.1f} images/s")
+    print(f"training   bundle trainer     : {n / engine_s:8.1f} images/s   engine/plain = {plain_s / engine_s:.3f}")
+    return n / engine_s
+
+
+def bench_tta(args: argparse.Namespace) -> None:
+    loader = in_memory_loader(args, args.image_size)
+    parser = bundle_parser(args, "train.json", "evaluate.json")
+    parser["validate#dataloader"] = loader
+    parser["validate#handlers"] = []
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    network = parser.get_parsed_content("network").eval()
+    crops = [ten_crop(batch["image"], args.crop_size).flatten(0, 1).contiguous() for batch in loader]
+
+    def plain():
+        with torch.no_grad():
+            for c in crops:
+                network(c).sigmoid()
+
+    n = len(loader.dataset)
+    plain_s, engine_s = timed(plain, args.repeats), timed(lambda: evaluator.run(), args.repeats)
+    print(f"ten-crop   plain forward      : {n / plain_s:8.1f} images/s (10 crops each, cut beforehand)")
+    print(f"ten-crop   bundle evaluator   : {n / engine_s:8.1f} images/s   engine/plain = {plain_s / engine_s:.3f}")
+
+
+def bench_data(args: argparse.Namespace, train_rate: float) -> None:
+    files = sorted(KERMANY.glob("train/*/*.jpeg"))[: args.data_images]
+    if not files:
+        print(f"data       skipped: {KERMANY} is absent")
+        return
+    transform = bundle_parser(args, "train.json").get_parsed_content("train#preprocessing")
+    items = [{"image": str(f), "label": [0.0]} for f in files]
+    for workers in sorted({0, args.workers}):
+        loader = DataLoader(Dataset(items, transform), batch_size=args.batch_size, num_workers=workers)
+        start = time.perf_counter()
+        for _ in loader:
+            pass
+        rate = len(items) / (time.perf_counter() - start)
+        print(
+            f"data       {workers} worker(s)        : {rate:8.1f} images/s (Kermany JPEG decode+resize+augment)"
+            f"   data/training = {rate / train_rate:.1f}"
+        )
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--image-size", type=int, default=64)
+    cli.add_argument("--crop-size", type=int, default=56)
+    cli.add_argument("--batch-size", type=int, default=16)
+    cli.add_argument("--iterations", type=int, default=10, help="batches per timed epoch")
+    cli.add_argument("--repeats", type=int, default=3)
+    cli.add_argument("--data-images", type=int, default=1000)
+    cli.add_argument("--workers", type=int, default=2)
+    cli.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = cli.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {args.threads} threads, image {args.image_size}, crop {args.crop_size}, "
+          f"batch {args.batch_size}")
+    train_rate = bench_training(args)
+    bench_tta(args)
+    bench_data(args, train_rate)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Labeled / unlabeled / validation / test splits: stratified, patient-grouped, reproducible, and saved to disk.
+
+``prepare_split`` is the entry point bundles call: it loads a source, checks its images once, splits and writes
+the result as JSON, and on later runs returns that file after checking the data and settings have not changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from monai_cxr_ssl.utils import write_json
+
+__all__ = ["fingerprint", "load_split", "make_split", "prepare_split"]
+
+logger = logging.getLogger("monai_cxr_ssl")
+
+SPLIT_VERSION = 1
+PARTS = ("labeled", "unlabeled", "validation", "test")
+_BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
+def fingerprint(items: Sequence[dict]) -> str:
+    """SHA-256 (hex) of the sorted ``(id, label)`` pairs of ``items``.
+
+    Uses ids (paths relative to the dataset root), so moving the dataset folder keeps the fingerprint, while
+    adding, removing or relabelling an image changes it.
+    """
+    pairs = sorted((it["id"], [float(v) for v in it["label"]]) for it in items)
+    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
+
+
+def _groups(items: list[dict]) -> list[list[dict]]:
+    """Items grouped by patient (items without a patient id are their own group), in a deterministic order."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for it in items:
+        key = ("patient", str(it["patient_id"])) if it.get("patient_id") is not None else ("image", it["id"])
+        groups[key].append(it)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _strata(groups: list[list[dict]], num_classes: int) -> dict[int, list[list[dict]]]:
+    """Groups keyed by their rarest positive class (``num_classes`` means no positive at all)."""
+    counts = np.zeros(num_classes)
+    for group in groups:
+        for it in group:
+            counts += np.asarray(it["label"]) > 0
+    rarity = np.argsort(counts, kind="stable")  # class indices, rarest first
+    strata: dict[int, list[list[dict]]] = defaultdict(list)
+    for group in groups:
+        positive = np.any([np.asarray(it["label"]) > 0 for it in group], axis=0)
+        strata[next((int(c) for c in rarity if positive[c]), num_classes)].append(group)
+    return strata
+
+
+def _allocate(
+    strata: dict[int, list[list[dict]]], fractions: dict[str, float], rng: np.random.Generator
+) -> dict[str, list[dict]]:
+    """Deal the groups of each stratum, shuffled, to the parts in proportion to ``fractions`` (by image count).
+
+    Each group goes to the part furthest below its target share of the images dealt so far; the shortfall
+    carries over between strata, so every stratum is split close to the fractions and the totals match them.
+    """
+    names = [k for k, f in fractions.items() if f > 0]
+    share = np.array([fractions[k] for k in names]) / sum(fractions[k] for k in names)
+    dealt, seen = np.zeros(len(names)), 0
+    parts: dict[str, list[dict]] = {k: [] for k in fractions}
+    for key in sorted(strata):
+        for i in rng.permutation(len(strata[key])):
+            group = strata[key][i]
+            seen += len(group)
+            best = int(np.argmax(share * seen - dealt))
+            dealt[best] += len(group)
+            parts[names[best]].extend(group)
+    return {k: sorted(v, key=lambda it: it["id"]) for k, v in parts.items()}
+
+
+def _check_fraction(name: str, value: float, allow_one: bool = False) -> None:
+    upper_ok = value <= 1 if allow_one else value < 1
+    if not (0 < value and upper_ok):
+        interval = "(0, 1]" if allow_one else "(0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {value}.")
+
+
+def _positives(items: Sequence[dict], num_classes: int) -> list[int]:
+    """Number of positive images per class."""
+    if not items:
+        return [0] * num_classes
+    return [int(n) for n in (np.asarray([it["label"] for it in items]) > 0).sum(axis=0)]
+
+
+def make_split(
+    pool: Sequence[dict],
+    labeled_fraction: float,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    validation: Sequence[dict] | None = None,
+    test: Sequence[dict] | None = None,
+    test_fraction: float = 0.2,
+    classes: Sequence[str] | None = None,
+) -> dict[str, list[dict]]:
+    """Split datalist items into ``labeled``, ``unlabeled``, ``validation`` and ``test`` parts.
+
+    ``validation`` (``val_fraction`` of the pool) and ``test`` (``test_fraction`` of the pool) are carved from
+    ``pool`` unless given; the rest is split into labeled (``labeled_fraction`` of it) and unlabeled images.
+    Validation and test do not depend on ``labeled_fraction``, so runs with different fractions are compared
+    on the same held-out images.
+
+    - Grouped: all images of a patient land in one part; items with ``patient_id`` None are their own group.
+    - Stratified: groups are stratified by their rarest positive class (rarity counted over the images split),
+      or "no positive". For binary labels this is simply positive vs negative; for multi-label data it keeps
+      the rare classes, which are the ones at risk of vanishing from a small labeled part, represented.
+    - Deterministic: inputs are sorted by id and shuffled with ``numpy.random.default_rng(seed)``.
+
+    ``classes`` (optional) names the classes in error messages.
+
+    Raises:
+        ValueError: on bad fractions, an empty pool, duplicate ids, or a labeled part missing a positive
+            (or, for binary labels, a negative) example of some class.
+    """
+    _check_fraction("labeled_fraction", labeled_fraction, allow_one=True)
+    _check_fraction("val_fraction", val_fraction)
+    _check_fraction("test_fraction", test_fraction)
+    if not pool:
+        raise ValueError("cannot split an empty pool of images; check the dataset source settings.")
+    carved = {"test": test_fraction if test is None else 0.0, "validation": val_fraction if validation is None else 0.0}
+    if sum(carved.values()) >= 1:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}.")
+    items = sorted(pool, key=lambda it: it["id"])
+    duplicates = [k for k, n in Counter(it["id"] for it in items).items() if n > 1]
+    if duplicates:
+        raise ValueError(f"the pool lists {len(duplicates)} image id(s) more than once, e.g. {duplicates[:5]}.")
+    num_classes = len(items[0]["label"])
+    if num_classes == 0 or any(len(it["label"]) != num_classes for it in items):
+        raise ValueError("every item needs a label vector of the same, non-zero length.")
+
+    rng = np.random.default_rng(seed)
+    groups = _groups(items)
+    held_out = _allocate(_strata(groups, num_classes), {"train": 1 - sum(carved.values()), **carved}, rng)
+    train_groups = _groups(held_out["train"])
+    parts = _allocate(
+        _strata(train_groups, num_classes), {"labeled": labeled_fraction, "unlabeled": 1 - labeled_fraction}, rng
+    )
+    parts["validation"] = held_out["validation"] if validation is None else sorted(validation, key=lambda it: it["id"])
+    parts["test"] = held_out["test"] if test is None else sorted(test, key=lambda it: it["id"])
+
+    labeled = parts["labeled"]
+    positives = _positives(labeled, num_classes)
+    names = list(classes) if classes is not None else [f"#{c}" for c in range(num_classes)]
+    for c in range(num_classes):
+        negatives = len(labeled) - positives[c]
+        if positives[c] == 0 or (num_classes == 1 and negatives == 0):
+            kind = "positive" if positives[c] == 0 else "negative"
+            raise ValueError(
+                f"the labeled split ({len(labeled)} images, labeled_fraction={labeled_fraction}) has no {kind} "
+                f"example of class {names[c]!r}; use a larger labeled_fraction."
+            )
+    return {k: parts[k] for k in PARTS}
+
+
+def load_split(path: str | os.PathLike) -> dict:
+    """Read a split file written by :func:`prepare_split`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}; create it with prepare_split.")
+    try:
+        split = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"split file {path} is not valid JSON ({e}); delete it to make a new split.") from e
+    required = {"version", "fingerprint", "params", "classes", *PARTS}
+    if not isinstance(split, dict) or not required <= split.keys() or split["version"] != SPLIT_VERSION:
+        raise ValueError(f"{path} is not a version-{SPLIT_VERSION} split file; delete it to make a new split.")
+    return split
+
+
+def _check_images(items: list[dict], bad_images: str) -> list[str]:
+    """Ids of the images that fail ``check_image``; raises for ``bad_images='fail'`` if there are any."""
+    from monai_cxr_ssl.data.readers import ImageReadError, check_image
+
+    bad = []
+    for it in tqdm(items, desc="checking images", disable=None):
+        try:
+            check_image(it["image"])
+        except ImageReadError:
+            bad.append(it)
+    if bad and bad_images == "fail":
+        raise ValueError(
+            f"{len(bad)} image(s) cannot be read, e.g. {[it['image'] for it in bad[:5]]}; "
+            "fix or remove them, or set bad_images='skip' to drop them."
+        )
+    if bad:
+        logger.warning("skipping %d unreadable image(s) (bad_images='skip')", len(bad))
+    return sorted(it["id"] for it in bad)
+
+
+def prepare_split(
+    source,
+    split_file: str | os.PathLike,
+    labeled_fraction: float,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    bad_images: str = "fail",
+    num_classes: int | None = None,
+) -> dict:
+    """Load ``source``, then return the split stored in ``split_file``, making and writing it on first use.
+
+    Args:
+        source: a dataset source (``monai_cxr_ssl.data.datasets``), anything with ``load() -> SourceData``.
+        split_file: JSON file for the split; reused when the data and parameters are unchanged.
+        labeled_fraction: share of the training images that keep their labels, in (0, 1].
+        seed: seed of the split.
+        val_fraction: share of the pool held out for validation when the source has no validation split.
+        bad_images: ``"fail"`` to stop on unreadable images, ``"skip"`` to leave them out (listed in ``skipped``).
+        num_classes: the network's number of outputs, checked against the source's classes when given.
+
+    Returns:
+        The split: ``labeled``, ``unlabeled``, ``validation`` and ``test`` datalists plus ``classes``,
+        ``counts``, ``positives``, ``fingerprint``, ``params`` and ``skipped``. Patient ids only serve the
+        grouping; the stored items drop ``patient_id`` so the file carries no patient identifiers.
+    """
+    if bad_images not in _BAD_IMAGE_POLICIES:
+        raise ValueError(f"bad_images must be one of {_BAD_IMAGE_POLICIES}, got {bad_images!r}.")
+    data = source.load()
+    if num_classes is not None and num_classes != len(data.classes):
+        raise ValueError(
+            f"the dataset has {len(data.classes)} class(es) {data.classes} but num_classes is {num_classes}; "
+            f"set num_classes to {len(data.classes)}."
+        )
+    everything = data.pool + (data.validation or []) + (data.test or [])
+    params = {"labeled_fraction": labeled_fraction, "seed": seed, "val_fraction": val_fraction, "test_fraction": 0.2}
+    current = fingerprint(everything)
+    split_file = Path(split_file)
+    if split_file.exists():
+        split = load_split(split_file)
+        if split["fingerprint"] != current or split["params"] != params:
+            what = "data" if split["fingerprint"] != current else f"parameters (was {split['params']}, now {params})"
+            raise ValueError(
+                f"split file {split_file} was made from different {what}; the data or settings changed since the "
+                "split was made. Delete the file to make a new split, or use another output folder."
+            )
+        # Same ids and labels, but the dataset folder may have moved: take image paths from the source.
+        paths = {it["id"]: it["image"] for it in everything}
+        for part in PARTS:
+            for it in split[part]:
+                it["image"] = paths[it["id"]]
+        return split
+
+    skipped = set(_check_images(everything, bad_images))
+    keep = [it for it in data.pool if it["id"] not in skipped]
+    validation, test = ([it for it in p or [] if it["id"] not in skipped] or None for p in (data.validation, data.test))
+    parts = make_split(
+        keep,
+        labeled_fraction,
+        seed=seed,
+        val_fraction=val_fraction,
+        validation=validation,
+        test=test,
+        test_fraction=params["test_fraction"],
+        classes=data.classes,
+    )
+    # Patient ids only serve the grouping above; they are not written out.
+    parts = {k: [{key: val for key, val in it.items() if key != "patient_id"} for it in v] for k, v in parts.items()}
+    n = len(data.classes)
+    split = {
+        "version": SPLIT_VERSION,
+        "fingerprint": current,
+        "params": params,
+        "classes": list(data.classes),
+        "counts": {k: len(v) for k, v in parts.items()},
+        "positives": {k: _positives(v, n) for k, v in parts.items()},
+        **parts,
+        "skipped": sorted(skipped),
+    }
+    write_json(split_file, split)
+    logger.info("split %s: %s", split_file, ", ".join(f"{k}={v}" for k, v in split["counts"].items()))
+    return split

@@ -1,0 +1,106 @@
+"""Checkpoints that survive interruption: atomic files, the best model by a validation metric,
+and the full training state after every epoch so that a killed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader
+
+logger = logging.getLogger("monai_cxr_ssl")
+
+
+class _AtomicFileSaver(DiskSaver):
+    """A ``DiskSaver`` that always writes one file name, atomically (temporary file, then rename).
+
+    The new file replaces the old one in a single rename, so there is nothing to remove and no
+    moment at which the checkpoint is missing or half-written.
+    """
+
+    def __init__(self, dirname: str, filename: str) -> None:
+        super().__init__(dirname=dirname, atomic=True, require_empty=False)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        super().__call__(checkpoint, self.filename, metadata)
+        os.chmod(os.path.join(self.dirname, self.filename), 0o644)  # tempfile creates it 0600
+
+    def remove(self, filename: str) -> None:
+        """Nothing to remove: the next save replaces the file."""
+
+
+class BestCheckpoint:
+    """Saves ``network``'s weights to ``save_dir/filename`` whenever an evaluator run improves ``metric_name``.
+
+    Attach it to the validation evaluator. It has a ``state_dict`` (the best score so far), so a
+    trainer checkpoint that includes it resumes with the right best score rather than
+    overwriting the best model with the first epoch after a restart.
+    """
+
+    def __init__(self, save_dir: str, network: torch.nn.Module, metric_name: str, filename: str = "model.pt") -> None:
+        self.metric_name = metric_name
+        self.checkpoint = Checkpoint(
+            to_save={"model": network},
+            save_handler=_AtomicFileSaver(save_dir, filename),
+            score_function=self._score,
+            score_name=metric_name,
+            n_saved=1,
+        )
+
+    def _score(self, engine: Engine) -> float:
+        if self.metric_name not in engine.state.metrics:
+            raise KeyError(f"BestCheckpoint: metric {self.metric_name!r} not in {sorted(engine.state.metrics)}.")
+        return float(engine.state.metrics[self.metric_name])
+
+    @property
+    def best_score(self) -> float | None:
+        return self.checkpoint._saved[-1].priority if self.checkpoint._saved else None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.checkpoint)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.checkpoint.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        self.checkpoint.load_state_dict(state_dict)
+
+
+class ResumableCheckpoint:
+    """Saves the trainer and ``save_dict`` (network, optimizer, scheduler, best-model tracker...) to
+    ``save_dir/filename`` after every epoch, and restores them when the trainer starts if the file exists.
+
+    The engine it is attached to is saved as ``"trainer"``, so configs need no reference from the
+    handler back to the trainer. Attach it last in the trainer's handlers so the saved state
+    includes that epoch's validation and learning-rate step.
+    """
+
+    def __init__(self, save_dir: str, save_dict: Mapping[str, Any], filename: str = "last.pt", resume: bool = True):
+        self.save_dir = save_dir
+        self.filename = filename
+        self.path = os.path.join(save_dir, filename)
+        self.save_dict = dict(save_dict)
+        self.resume = resume
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict["trainer"] = engine
+        checkpoint = Checkpoint(
+            to_save=self.save_dict, save_handler=_AtomicFileSaver(self.save_dir, self.filename), n_saved=1
+        )
+        if self.resume and os.path.exists(self.path):
+            CheckpointLoader(load_path=self.path, load_dict=self.save_dict, map_location="cpu").attach(engine)
+            engine.add_event_handler(Events.STARTED, self._log_resume)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
+
+    def _log_resume(self, engine: Engine) -> None:
+        if engine.state.epoch >= (engine.state.max_epochs or 0):
+            logger.info("%s: training already finished (%d epochs); nothing to do.", self.path, engine.state.epoch)
+        else:
+            state = engine.state
+            logger.info("Resuming from %s after epoch %d of %d.", self.path, state.epoch, state.max_epochs)

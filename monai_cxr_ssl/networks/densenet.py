@@ -1,0 +1,139 @@
+"""2D DenseNet121 for chest X-rays, initialised from a local torchvision ImageNet checkpoint (never downloaded)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.nets import DenseNet121
+from torch import nn
+
+__all__ = ["CXRDenseNet121", "load_imagenet_weights"]
+
+logger = logging.getLogger("monai_cxr_ssl")
+
+# torchvision names dense-layer parts "norm1" (current) or "norm.1" (the original densenet121-a639ec97.pth);
+# MONAI nests them in ".layers": features.denseblock1.denselayer1.norm1.weight -> ...denselayer1.layers.norm1.weight
+_DENSE_LAYER_KEY = re.compile(
+    r"^(.*denselayer\d+)\.(norm|relu|conv)\.?([12])\.(weight|bias|running_mean|running_var|num_batches_tracked)$"
+)
+_FIRST_CONV = "features.conv0.weight"
+_OPTIONAL_SUFFIX = "num_batches_tracked"  # BatchNorm counters, absent from old checkpoints and unused in eval
+
+
+def _torchvision_to_monai(key: str) -> str:
+    match = _DENSE_LAYER_KEY.match(key)
+    return f"{match[1]}.layers.{match[2]}{match[3]}.{match[4]}" if match else key
+
+
+def _adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Turn an RGB first-conv kernel (out, 3, k, k) into one for ``in_channels`` inputs.
+
+    One channel: the sum over RGB, which gives the same response to a grey image as the RGB kernel gives to that
+    image replicated into three channels. Otherwise the RGB kernels are cycled and rescaled by 3 / in_channels.
+    """
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_channels // 3)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (3.0 / in_channels)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ImageNet weights file {path} does not exist; pass the path of a local torchvision DenseNet121 "
+            "state dict (e.g. densenet121-a639ec97.pth) or pretrained_weights=None."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load reports a corrupt or foreign file with many unrelated exception types
+        raise ValueError(
+            f"ImageNet weights file {path} is not a readable PyTorch tensor file ({type(e).__name__}); "
+            "pass a torchvision DenseNet121 state dict saved with torch.save."
+        ) from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"ImageNet weights file {path} does not hold a state dict (a mapping of parameter names to tensors, "
+            "optionally under a 'state_dict' key); save one with torch.save(model.state_dict(), path)."
+        )
+    return state
+
+
+def load_imagenet_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load the feature layers of a torchvision-format DenseNet121 ImageNet checkpoint at ``path`` into ``model``.
+
+    Dense-layer names are mapped onto MONAI's, the RGB first convolution is adapted to the model's input channels
+    and the 1000-class ``classifier`` is skipped (the model keeps its own ``class_layers.out`` head).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a state dict, or its feature layers do not match ``model``'s names or shapes.
+    """
+    path = Path(path)
+    loaded = {_torchvision_to_monai(k): v for k, v in _read_state_dict(path).items() if not k.startswith("classifier.")}
+    target = model.state_dict()
+    expected = {k for k in target if k.startswith("features.")}
+    if _FIRST_CONV in loaded and loaded[_FIRST_CONV].shape != target[_FIRST_CONV].shape:
+        weight = loaded[_FIRST_CONV]
+        if weight.ndim != 4 or weight.shape[1] != 3:
+            raise ValueError(
+                f"ImageNet weights file {path}: {_FIRST_CONV} has shape {tuple(weight.shape)}, expected "
+                f"{tuple(target[_FIRST_CONV].shape)} or an RGB kernel with 3 input channels."
+            )
+        loaded[_FIRST_CONV] = _adapt_first_conv(weight, target[_FIRST_CONV].shape[1])
+    missing = sorted(k for k in expected - loaded.keys() if not k.endswith(_OPTIONAL_SUFFIX))
+    unexpected = sorted(loaded.keys() - expected)
+    mismatched = sorted(
+        f"{k} {tuple(loaded[k].shape)} vs {tuple(target[k].shape)}"
+        for k in expected & loaded.keys()
+        if loaded[k].shape != target[k].shape
+    )
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+        if keys
+    ]
+    if problems:
+        raise ValueError(
+            f"ImageNet weights file {path} does not match {type(model).__name__}'s feature layers; "
+            "expected a torchvision DenseNet121 state dict. " + "; ".join(problems)
+        )
+    target.update(loaded)
+    model.load_state_dict(target)
+    logger.info(
+        "Loaded %d ImageNet tensors from %s; the classification head keeps its initialisation.", len(loaded), path
+    )
+
+
+class CXRDenseNet121(DenseNet121):
+    """2D DenseNet121 returning ``num_classes`` logits (apply the sigmoid outside), optionally ImageNet-initialised.
+
+    Args:
+        num_classes: number of output logits.
+        in_channels: number of image channels (1 for grey chest X-rays).
+        pretrained_weights: path of a local torchvision DenseNet121 ImageNet state dict, or None for random init.
+            MONAI's ``pretrained=True`` (a download) is refused.
+        kwargs: further :class:`monai.networks.nets.DenseNet` arguments, e.g. ``dropout_prob``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1,
+        in_channels: int = 1,
+        pretrained_weights: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.pop("pretrained", False):
+            raise ValueError(
+                "CXRDenseNet121 never downloads weights: drop pretrained=True and pass "
+                "pretrained_weights=<path of a local torchvision DenseNet121 state dict>."
+            )
+        super().__init__(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, **kwargs)
+        if pretrained_weights is not None:
+            load_imagenet_weights(self, pretrained_weights)

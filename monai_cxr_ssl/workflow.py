@@ -1,0 +1,72 @@
+"""Run the bundles' configs in-process, as ``python -m monai.bundle run`` does, recording the executed config."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigWorkflow
+
+from monai_cxr_ssl.utils import write_json
+
+logger = logging.getLogger("monai_cxr_ssl")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "cxr_classifier"
+OVERLAYS_DIR = REPO_ROOT / "configs"
+
+# Named configs of a bundle; evaluate is an overlay on train, as in the model-zoo bundles.
+NAMED_CONFIGS = {"train": ["train.json"], "evaluate": ["train.json", "evaluate.json"], "inference": ["inference.json"]}
+
+
+def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[str]:
+    """Turn config names (``train``, ``evaluate``, ``inference``) and overlay paths into a list of files.
+
+    A bare overlay name such as ``cpu_small`` is looked up in the repository's ``configs/`` folder.
+    """
+    bundle = Path(bundle)
+    if not (bundle / "configs").is_dir():
+        raise FileNotFoundError(f"{bundle}: not a MONAI bundle (no configs/ folder); pass --bundle <bundle dir>.")
+    files: list[str] = []
+    for name in configs:
+        if name in NAMED_CONFIGS:
+            files += [str(bundle / "configs" / f) for f in NAMED_CONFIGS[name]]
+            continue
+        path = Path(name)
+        if not path.suffix and (OVERLAYS_DIR / f"{name}.json").is_file():
+            path = OVERLAYS_DIR / f"{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"config {name!r} not found: use one of {sorted(NAMED_CONFIGS)}, a JSON/YAML file, "
+                f"or an overlay name from {OVERLAYS_DIR}."
+            )
+        files.append(str(path))
+    return files
+
+
+def run_bundle(
+    configs: Sequence[str], bundle: str | os.PathLike = DEFAULT_BUNDLE, **overrides: Any
+) -> ConfigWorkflow:
+    """Initialise, run and finalise a bundle workflow; returns it so callers can read parsed results.
+
+    Before running, the merged config (files plus overrides) is written to the path in the
+    config's ``executed_config`` so that the MLflow run can keep it as an artifact.
+    """
+    bundle = Path(bundle).resolve()
+    overrides.setdefault("bundle_root", str(bundle))
+    workflow = ConfigWorkflow(
+        config_file=resolve_configs(bundle, configs),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        **overrides,
+    )
+    workflow.initialize()
+    parser = workflow.parser
+    if "executed_config" in parser:
+        write_json(parser.get_parsed_content("executed_config"), parser.get())
+    workflow.run()
+    workflow.finalize()
+    return workflow

@@ -1,0 +1,184 @@
+"""The classifier bundle end to end through ``python -m monai.bundle`` on tiny generated data:
+train, checkpoint, resume after a kill, evaluate with ten-crop TTA, MLflow runs, inference and export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "cxr_classifier"
+CONFIGS = BUNDLE / "configs"
+TINY = {"image_size": 40, "crop_size": 32, "batch_size": 8, "labeled_fraction": 0.5, "num_workers": 0}
+
+
+def _bundle_cmd(verb: str, config_files: list[Path], **args) -> list[str]:
+    cmd = [sys.executable, "-m", "monai.bundle", verb]
+    if verb == "run":
+        cmd += ["--config_file", repr([str(p) for p in config_files])]
+    for key, value in args.items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from monai_cxr_ssl.data import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("bundle")
+    data = make_synthetic_dataset(root / "data", n_train=80, n_test=40, image_size=48, prevalence=0.4, seed=1)
+    common = dict(
+        TINY, bundle_root=BUNDLE, dataset_dir=data, output_dir=root / "out",
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment_name="bundle_test",
+    )
+    return root, common
+
+
+def _train_cmd(common: dict, num_epochs: int) -> list[str]:
+    return _bundle_cmd("run", [CONFIGS / "train.json", REPO / "configs" / "demo.json"], **common, num_epochs=num_epochs)
+
+
+def _runs(common: dict):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=common["tracking_uri"])
+    experiment = client.get_experiment_by_name(common["experiment_name"])
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def _epoch(checkpoint: Path) -> int:
+    trainer = torch.load(checkpoint, weights_only=True)["trainer"]
+    return trainer["iteration"] // trainer["epoch_length"]
+
+
+def test_train_is_killed_then_resumes(workspace):
+    root, common = workspace
+    out = root / "out"
+    last = out / "models" / "last.pt"
+    num_epochs = 4
+    # Start a run, kill -9 it once an epoch has been checkpointed.
+    proc = subprocess.Popen(
+        _train_cmd(common, num_epochs), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "no epoch checkpoint was written before the deadline"
+    killed_at = _epoch(last)
+    assert killed_at < num_epochs
+    assert not list((out / "models").glob("*.tmp")) and not list((out / "models").glob("tmp*"))
+
+    # The same command again resumes instead of starting over.
+    done = subprocess.run(_train_cmd(common, num_epochs), cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"after epoch {killed_at} of {num_epochs}" in done.stdout + done.stderr
+    assert _epoch(last) == num_epochs
+    assert (out / "models" / "model.pt").exists()
+
+    split = json.loads((out / "split.json").read_text())
+    client, runs = _runs(common)
+    train_runs = [r for r in runs if r.info.run_name == "teacher-lambda0.5-seed0"]
+    assert len(train_runs) == 1, "the resumed run must continue the killed run, not start another"
+    run = train_runs[0]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["dataset_fingerprint"] == split["fingerprint"]
+    assert params["labeled_fraction"] == "0.5" and params["seed"] == "0"
+    assert params["image_size"] == "40" and params["crop_size"] == "32"
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_auroc")}
+    assert steps == set(range(1, num_epochs + 1))
+    assert "train_loss" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "split.json" in artifacts
+
+
+def test_evaluate_ten_crop_report(workspace):
+    root, common = workspace
+    out = root / "out"
+    if not (out / "models" / "model.pt").exists():
+        pytest.skip("needs the trained checkpoint of test_train_is_killed_then_resumes")
+    cmd = _bundle_cmd(
+        "run", [CONFIGS / "train.json", CONFIGS / "evaluate.json", REPO / "configs" / "demo.json"], **common
+    )
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "test_metrics.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    assert report["num_images"] == len(split["test"])
+    assert 0.0 <= report["mean_auroc"] <= 1.0 and set(report["auroc"]) == {"OPACITY"}
+    assert (out / "test_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    client, runs = _runs(common)
+    (run,) = [r for r in runs if r.info.run_name == "teacher-lambda0.5-seed0-evaluate"]
+    assert run.data.metrics["test_mean_auroc"] == pytest.approx(report["mean_auroc"])
+    assert run.data.params["tta"] == "ten_crop"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"test_metrics.json", "test_roc.png"} <= artifacts
+
+
+def test_evaluate_without_checkpoint_fails_clearly(workspace, tmp_path):
+    root, common = workspace
+    cmd = _bundle_cmd(
+        "run", [CONFIGS / "train.json", CONFIGS / "evaluate.json", REPO / "configs" / "demo.json"],
+        **dict(common, output_dir=tmp_path / "empty"),
+    )
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "model.pt: no trained checkpoint" in done.stderr
+
+
+def test_verify_export_and_inference(workspace, tmp_path):
+    root, common = workspace
+    ckpt = root / "out" / "models" / "model.pt"
+    if not ckpt.exists():
+        pytest.skip("needs the trained checkpoint of test_train_is_killed_then_resumes")
+    meta, inference = CONFIGS / "metadata.json", CONFIGS / "inference.json"
+    verify = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
+         "--meta_file", str(meta), "--config_file", str(inference)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert verify.returncode == 0, verify.stderr[-3000:]
+    exported = tmp_path / "model.ts"
+    export = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
+         "--ckpt_file", str(ckpt), "--meta_file", str(meta), "--config_file", str(inference)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    extra = {"metadata.json": ""}
+    scripted = torch.jit.load(str(exported), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["type"] == "probabilities"
+
+    from monai_cxr_ssl.networks import CXRDenseNet121
+
+    net = CXRDenseNet121(num_classes=1)
+    net.load_state_dict(torch.load(ckpt, weights_only=True))
+    net.eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), atol=1e-5, rtol=1e-4)
+
+    images = root / "data" / "test"
+    run = subprocess.run(
+        _bundle_cmd("run", [inference], bundle_root=BUNDLE, dataset_dir=images, ckpt_path=ckpt,
+                    output_dir=tmp_path / "pred", image_size=40, crop_size=32, num_workers=0),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = (tmp_path / "pred" / "predictions.csv").read_text().strip().splitlines()
+    assert len(rows) == len(list(images.rglob("*.png")))
+    probs = [float(r.split(",")[1]) for r in rows]
+    assert all(0.0 <= p <= 1.0 for p in probs) and len(set(probs)) > 1

@@ -1,0 +1,45 @@
+"""AUROC report: per-class values against scikit-learn, undefined classes, files written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from monai_cxr_ssl.evaluation import auroc_report, write_report
+
+
+def test_auroc_report_per_class_and_mean():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=(50, 2)).astype(float)
+    probs = np.clip(labels * 0.3 + rng.random((50, 2)) * 0.7, 0, 1)
+    report = auroc_report(labels, probs, ["A", "B"])
+    expected = [roc_auc_score(labels[:, k], probs[:, k]) for k in range(2)]
+    assert report["auroc"]["A"] == pytest.approx(expected[0])
+    assert report["auroc"]["B"] == pytest.approx(expected[1])
+    assert report["mean_auroc"] == pytest.approx(np.mean(expected))
+    assert report["positives"] == {"A": int(labels[:, 0].sum()), "B": int(labels[:, 1].sum())}
+
+
+def test_auroc_report_skips_single_valued_class():
+    labels = np.array([[1, 0], [0, 0], [1, 0], [0, 0]], dtype=float)
+    probs = np.array([[0.9, 0.1], [0.2, 0.3], [0.7, 0.2], [0.1, 0.4]])
+    report = auroc_report(labels, probs, ["A", "B"])
+    assert report["auroc"]["B"] is None
+    assert report["mean_auroc"] == report["auroc"]["A"] == 1.0
+
+
+def test_auroc_report_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="do not match"):
+        auroc_report(np.zeros((4, 1)), np.zeros((4, 2)), ["A"])
+
+
+def test_write_report_files(tmp_path):
+    labels = np.array([0, 1, 0, 1, 1], dtype=float)
+    probs = np.array([0.1, 0.8, 0.4, 0.35, 0.9])
+    report = write_report(labels, probs, ["Effusion"], tmp_path, "test")
+    assert json.loads((tmp_path / "test_metrics.json").read_text()) == report
+    assert (tmp_path / "test_roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_metrics.json", "test_roc.png"]

@@ -1,0 +1,233 @@
+"""Splits: grouped, stratified, reproducible; prepare_split writes, reuses and guards the split file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from monai_cxr_ssl.data.datasets import ClassFolders, CsvSource
+from monai_cxr_ssl.data.splits import fingerprint, load_split, make_split, prepare_split
+
+PARTS = ("labeled", "unlabeled", "validation", "test")
+
+
+def make_items(n: int, prevalence: float = 0.3, per_patient: int = 1, seed: int = 0, root: str = "/data") -> list[dict]:
+    """``n`` items; ``per_patient`` > 1 gives patients with several images (labels vary within a patient)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < prevalence
+    return [
+        {
+            "image": f"{root}/img{i:05d}.png",
+            "label": [float(labels[i])],
+            "id": f"img{i:05d}.png",
+            "patient_id": str(i // per_patient) if per_patient > 1 else None,
+        }
+        for i in range(n)
+    ]
+
+
+def ids(items: list[dict]) -> list[str]:
+    return [it["id"] for it in items]
+
+
+def test_parts_cover_pool_and_are_patient_disjoint():
+    pool = make_items(600, per_patient=4)
+    split = make_split(pool, 0.2, seed=1)
+    assert sorted(sum((ids(split[p]) for p in PARTS), [])) == sorted(ids(pool))
+    patients = [{it["patient_id"] for it in split[p]} for p in PARTS]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not patients[i] & patients[j], (PARTS[i], PARTS[j])
+
+
+def test_stratified_sizes_and_prevalence():
+    pool = make_items(2000, prevalence=0.3)
+    prevalence = np.mean([it["label"][0] for it in pool])
+    split = make_split(pool, 0.1, val_fraction=0.1, test_fraction=0.2)
+    expected = {"test": 400, "validation": 200, "labeled": 140, "unlabeled": 1260}
+    for part, n in expected.items():
+        assert abs(len(split[part]) - n) <= 2, part
+        assert abs(np.mean([it["label"][0] for it in split[part]]) - prevalence) < 0.02, part
+
+
+def test_multilabel_rare_class_reaches_labeled_part():
+    rng = np.random.default_rng(0)
+    pool = [
+        {"image": f"/d/{i}.png", "label": [float(rng.random() < 0.4), float(i % 50 == 0)], "id": f"{i}.png"}
+        for i in range(1000)
+    ]  # class 1 has 20 positives; 10% labeled of 700 training images should hold about 1-2 of them
+    split = make_split(pool, 0.1)
+    rare = {p: sum(it["label"][1] for it in split[p]) for p in PARTS}
+    assert rare["labeled"] >= 1 and abs(rare["test"] - 4) <= 1 and abs(rare["validation"] - 2) <= 1
+
+
+def test_deterministic_and_order_independent():
+    pool = make_items(300, per_patient=3)
+    first = make_split(pool, 0.3, seed=5)
+    assert make_split(list(reversed(pool)), 0.3, seed=5) == first
+    other = make_split(pool, 0.3, seed=6)
+    assert ids(other["labeled"]) != ids(first["labeled"])
+
+
+def test_held_out_parts_do_not_depend_on_labeled_fraction():
+    pool = make_items(400)
+    a, b = make_split(pool, 0.1, seed=3), make_split(pool, 0.5, seed=3)
+    assert a["validation"] == b["validation"] and a["test"] == b["test"]
+    assert len(b["labeled"]) > len(a["labeled"])
+
+
+def test_given_validation_and_test_are_kept():
+    pool, held = make_items(200), make_items(30, seed=1)
+    validation = [{**it, "id": "val/" + it["id"]} for it in held[:10]]
+    test = [{**it, "id": "test/" + it["id"]} for it in held[10:]]
+    split = make_split(pool, 0.5, validation=validation, test=test)
+    assert ids(split["validation"]) == sorted(ids(validation)) and ids(split["test"]) == sorted(ids(test))
+    assert len(split["labeled"]) + len(split["unlabeled"]) == 200
+
+
+def test_full_labeled_fraction_leaves_unlabeled_empty():
+    split = make_split(make_items(100), 1.0)
+    assert split["unlabeled"] == [] and len(split["labeled"]) == 70
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_bad_labeled_fraction(fraction):
+    with pytest.raises(ValueError, match="labeled_fraction"):
+        make_split(make_items(50), fraction)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="val_fraction"):
+        make_split(make_items(50), 0.5, val_fraction=1.0)
+    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction"):
+        make_split(make_items(50), 0.5, val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(ValueError, match="empty pool"):
+        make_split([], 0.5)
+    with pytest.raises(ValueError, match="more than once"):
+        make_split(make_items(10) * 2, 0.5)
+
+
+def test_labeled_part_without_positive_or_negative():
+    pool = make_items(100, prevalence=0.0)
+    pool[0]["label"] = [1.0]
+    with pytest.raises(ValueError, match="no positive example of class 'Effusion'.*larger labeled_fraction"):
+        make_split(pool, 0.05, classes=["Effusion"])
+    all_positive = [{**it, "label": [1.0]} for it in pool]
+    with pytest.raises(ValueError, match="no negative example"):
+        make_split(all_positive, 0.5)
+
+
+def test_fingerprint():
+    pool = make_items(20)
+    base = fingerprint(pool)
+    assert fingerprint(list(reversed(pool))) == base
+    assert fingerprint(make_items(20, root="/moved/elsewhere")) == base
+    relabeled = [dict(it) for it in pool]
+    relabeled[3]["label"] = [1.0 - relabeled[3]["label"][0]]
+    assert fingerprint(relabeled) != base
+    assert fingerprint(pool + make_items(21)[20:]) != base
+
+
+def write_png(path: Path, value: int = 100) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), value, np.uint8)).save(path)
+
+
+def make_folders(root: Path, n_normal: int = 28, n_positive: int = 12) -> Path:
+    for i in range(n_normal):
+        write_png(root / f"train/NORMAL/n{i:03d}.png")
+    for i in range(n_positive):
+        write_png(root / f"train/OPACITY/p{i:03d}.png", 200)
+    return root
+
+
+def test_prepare_split_writes_and_reuses(tmp_path, caplog):
+    source = ClassFolders(str(make_folders(tmp_path / "data")), "OPACITY")
+    split_file = tmp_path / "out" / "split.json"
+    with caplog.at_level(logging.INFO, logger="monai_cxr_ssl"):
+        split = prepare_split(source, str(split_file), labeled_fraction=0.5, seed=2)
+    assert "labeled=" in caplog.text
+    stored = json.loads(split_file.read_text())
+    assert stored == split and stored["version"] == 1 and stored["classes"] == ["OPACITY"]
+    assert stored["params"] == {"labeled_fraction": 0.5, "seed": 2, "val_fraction": 0.1, "test_fraction": 0.2}
+    assert stored["counts"] == {p: len(stored[p]) for p in PARTS} and sum(stored["counts"].values()) == 40
+    assert stored["positives"]["labeled"] == [sum(it["label"][0] for it in stored["labeled"])]
+    assert stored["skipped"] == [] and load_split(split_file) == stored
+    assert prepare_split(source, str(split_file), labeled_fraction=0.5, seed=2) == split
+
+
+def test_prepare_split_follows_a_moved_dataset(tmp_path):
+    split_file = tmp_path / "split.json"
+    first = prepare_split(ClassFolders(str(make_folders(tmp_path / "a")), "OPACITY"), split_file, 0.5)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = prepare_split(ClassFolders(str(tmp_path / "b"), "OPACITY"), split_file, 0.5)
+    assert [ids(moved[p]) for p in PARTS] == [ids(first[p]) for p in PARTS]
+    assert all(Path(it["image"]).is_file() for p in PARTS for it in moved[p])
+
+
+def test_prepare_split_refuses_changed_data_or_params(tmp_path):
+    root = make_folders(tmp_path / "data")
+    source = ClassFolders(str(root), "OPACITY")
+    split_file = tmp_path / "split.json"
+    prepare_split(source, split_file, 0.5)
+    with pytest.raises(ValueError, match="parameters.*Delete the file"):
+        prepare_split(source, split_file, 0.25)
+    with pytest.raises(ValueError, match="parameters"):
+        prepare_split(source, split_file, 0.5, seed=1)
+    write_png(root / "train/NORMAL/extra.png")
+    with pytest.raises(ValueError, match="different data.*Delete the file"):
+        prepare_split(source, split_file, 0.5)
+
+
+def test_prepare_split_bad_images(tmp_path, caplog):
+    root = make_folders(tmp_path / "data")
+    (root / "train/NORMAL/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    source = ClassFolders(str(root), "OPACITY")
+    with pytest.raises(ValueError, match=r"1 image\(s\).*broken\.png.*bad_images='skip'"):
+        prepare_split(source, tmp_path / "fail.json", 0.5)
+    assert not (tmp_path / "fail.json").exists()
+    with caplog.at_level(logging.WARNING, logger="monai_cxr_ssl"):
+        split = prepare_split(source, tmp_path / "skip.json", 0.5, bad_images="skip")
+    assert split["skipped"] == ["train/NORMAL/broken.png"] and "1 unreadable" in caplog.text
+    assert "train/NORMAL/broken.png" not in {it["id"] for p in PARTS for it in split[p]}
+    assert sum(split["counts"].values()) == 40
+    with pytest.raises(ValueError, match="bad_images"):
+        prepare_split(source, tmp_path / "other.json", 0.5, bad_images="ignore")
+
+
+def test_prepare_split_num_classes(tmp_path):
+    source = ClassFolders(str(make_folders(tmp_path)), "OPACITY")
+    with pytest.raises(ValueError, match="set num_classes to 1"):
+        prepare_split(source, tmp_path / "split.json", 0.5, num_classes=14)
+
+
+def test_prepare_split_groups_patients_without_writing_their_ids(tmp_path):
+    rows = []
+    for i in range(60):
+        write_png(tmp_path / f"img/{i}.png")
+        rows.append([f"img/{i}.png", int(i % 3 == 0), f"SECRET-{i // 3}"])
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "label", "patient"], *rows])
+    source = CsvSource(str(tmp_path / "labels.csv"), patient_column="patient")
+    split = prepare_split(source, tmp_path / "split.json", 0.5)
+    part_of = {it["id"]: p for p in PARTS for it in split[p]}
+    assert all(len({part_of[f"img/{i + j}.png"] for j in range(3)}) == 1 for i in range(0, 60, 3))
+    assert "SECRET" not in (tmp_path / "split.json").read_text()
+
+
+def test_load_split_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_split(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_split(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"version": 1}')
+    with pytest.raises(ValueError, match="not a version-1 split file"):
+        load_split(tmp_path / "other.json")
