@@ -110,12 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(error: BaseException) -> BaseException | None:
+    """The bad-input error (ValueError, missing file) behind a failure, unwrapping MONAI's config-evaluation errors."""
+    while error is not None:
+        if isinstance(error, (ValueError, FileNotFoundError)):
+            return error
+        error = error.__cause__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"monai-cxr-ssl: error: {e}", file=sys.stderr)
+    except Exception as e:
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        print(f"monai-cxr-ssl: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from e
 
 

@@ -22,6 +22,19 @@ CONFIGS = BUNDLE / "configs"
 TINY = {"image_size": 40, "crop_size": 32, "batch_size": 8, "labeled_fraction": 0.5, "num_workers": 0}
 
 
+def test_metadata_has_model_zoo_keys():
+    """verify_metadata needs the schema from the internet; check the schema's required keys offline."""
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    required = ["version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                "required_packages_version", "task", "description", "authors", "copyright", "network_data_format"]
+    assert [k for k in required if k not in meta] == []
+    assert meta["version"] in meta["changelog"]
+    (image,) = meta["network_data_format"]["inputs"].values()
+    (pred,) = meta["network_data_format"]["outputs"].values()
+    assert image["num_channels"] == 1 and pred["type"] == "probabilities" and pred["format"] == "classes"
+    assert len(pred["channel_def"]) == pred["num_channels"]
+
+
 def _bundle_cmd(verb: str, config_files: list[Path], **args) -> list[str]:
     cmd = [sys.executable, "-m", "monai.bundle", verb]
     if verb == "run":

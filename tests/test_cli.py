@@ -1,0 +1,63 @@
+"""The ``monai-cxr-ssl`` command: recorded executed config, clear errors for bad settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = ["image_size=40", "crop_size=32", "batch_size=8", "num_workers=0", "num_epochs=1"]
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "monai_cxr_ssl.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from monai_cxr_ssl.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("cli") / "data", n_train=60, n_test=20, image_size=48)
+
+
+def test_run_records_executed_config_in_mlflow(data, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    done = _cli(
+        "run", "train", "demo", "--set", f"dataset_dir={data}", f"output_dir={out}", f"tracking_uri={uri}",
+        "experiment_name=cli", "labeled_fraction=0.5", *TINY, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    executed = json.loads((out / "config_executed.json").read_text())
+    assert executed["labeled_fraction"] == 0.5 and executed["num_epochs"] == 1
+    assert executed["datasource"]["positive_class"] == "OPACITY"  # the overlay was merged
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config_executed.json", "split.json"}
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("labeled_fraction=0", "labeled_fraction must be in (0, 1]"),
+        ("datasource#positive_class=EFFUSION", "class folder 'EFFUSION' not found"),
+        ("num_classes=3", "num_classes"),
+    ],
+)
+def test_bad_settings_fail_before_training(data, tmp_path, setting, message):
+    out = tmp_path / "out"
+    done = _cli(
+        "run", "train", "demo", "--set", f"dataset_dir={data}", f"output_dir={out}",
+        f"tracking_uri=sqlite:///{tmp_path / 'm.db'}", *TINY, setting, cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr.splitlines()[-1]
+    assert not (out / "models").exists()  # nothing trained, nothing half-written
