@@ -48,15 +48,17 @@ def in_memory_loader(args: argparse.Namespace, size: int) -> DataLoader:
     return DataLoader(Dataset(items), batch_size=args.batch_size, shuffle=False, num_workers=0)
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls (after one warm-up call)."""
-    fn()
-    times = []
+def timed_pair(baseline, candidate, repeats: int) -> tuple[float, float]:
+    """Median wall times of ``baseline()`` and ``candidate()``, measured alternately after a warm-up of each,
+    so that drifts in machine load affect both alike."""
+    baseline(), candidate()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip((baseline, candidate), times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def bench_training(args: argparse.Namespace) -> float:
@@ -76,11 +78,11 @@ def bench_training(args: argparse.Namespace) -> float:
             optimizer.step()
 
     def engine():
-        trainer.state.max_epochs = None  # run one more full epoch on every call
-        trainer.run(max_epochs=1)
+        trainer.state.max_epochs = trainer.state.epoch + 1  # one more full epoch on every call
+        trainer.run()
 
     n = len(loader.dataset)
-    plain_s, engine_s = timed(plain, args.repeats), timed(engine, args.repeats)
+    plain_s, engine_s = timed_pair(plain, engine, args.repeats)
     print(f"training   plain PyTorch loop : {n / plain_s:8.1f} images/s")
     print(f"training   bundle trainer     : {n / engine_s:8.1f} images/s   engine/plain = {plain_s / engine_s:.3f}")
     return n / engine_s
@@ -101,7 +103,7 @@ def bench_tta(args: argparse.Namespace) -> None:
                 network(c).sigmoid()
 
     n = len(loader.dataset)
-    plain_s, engine_s = timed(plain, args.repeats), timed(lambda: evaluator.run(), args.repeats)
+    plain_s, engine_s = timed_pair(plain, evaluator.run, args.repeats)
     print(f"ten-crop   plain forward      : {n / plain_s:8.1f} images/s (10 crops each, cut beforehand)")
     print(f"ten-crop   bundle evaluator   : {n / engine_s:8.1f} images/s   engine/plain = {plain_s / engine_s:.3f}")
 
@@ -131,7 +133,7 @@ def main() -> None:
     cli.add_argument("--crop-size", type=int, default=56)
     cli.add_argument("--batch-size", type=int, default=16)
     cli.add_argument("--iterations", type=int, default=10, help="batches per timed epoch")
-    cli.add_argument("--repeats", type=int, default=3)
+    cli.add_argument("--repeats", type=int, default=5)
     cli.add_argument("--data-images", type=int, default=1000)
     cli.add_argument("--workers", type=int, default=2)
     cli.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -1,0 +1,193 @@
+"""Balanced filtering of a teacher's pseudo-labels (Martins & Silva, teacher-student pseudo-labelling).
+
+The teacher predicts probabilities for the unlabeled set U; ``balanced_filter`` keeps K = κ·|U| of them, the most
+confident ones, split between positives and negatives in the class proportions of the labeled set D: the highest
+probabilities above the threshold become positives, the lowest below it negatives.
+
+Multi-label predictions (C > 1, the paper's suggested extension) are filtered per class independently, so the
+result is a mask over (image, class) pairs: the student's loss must then be masked (binary cross-entropy only on
+kept entries, e.g. ``(bce(logits, labels, reduction="none") * mask).sum() / mask.sum()``), and an image is used by
+the student when any of its labels is kept (``filtered_datalist`` writes that mask as ``"label_mask"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["FilterResult", "balanced_filter", "class_proportions", "filtered_datalist", "flip_rate"]
+
+logger = logging.getLogger("monai_cxr_ssl")
+
+
+@dataclass
+class FilterResult:
+    """Pseudo-labels kept by ``balanced_filter``.
+
+    ``mask`` (N, C) marks the kept (image, class) pairs; ``labels`` (N, C) holds 1/0 (hard) or the probability
+    (soft) where kept and 0 elsewhere; ``counts`` maps each class name to its kept / quota / candidate counts;
+    ``shortfalls`` describes the classes that had fewer candidates than their quota; ``threshold`` separates
+    positive from negative pseudo-labels (for soft labels too).
+    """
+
+    mask: np.ndarray
+    labels: np.ndarray
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    shortfalls: list[str] = field(default_factory=list)
+    threshold: float = 0.5
+
+    @property
+    def kept_images(self) -> np.ndarray:
+        """Indices of the images with at least one kept pseudo-label."""
+        return np.flatnonzero(self.mask.any(axis=1))
+
+
+def _to_numpy(x: np.ndarray | torch.Tensor | Sequence | float) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _smallest(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` smallest ``values``, ties going to the lower index; O(n) via ``np.partition``."""
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if k >= len(values):
+        return np.arange(len(values))
+    kth = np.partition(values, k - 1)[k - 1]
+    below = np.flatnonzero(values < kth)
+    tied = np.flatnonzero(values == kth)[: k - len(below)]
+    return np.concatenate([below, tied])
+
+
+def balanced_filter(
+    probs: np.ndarray | torch.Tensor,
+    positive_fraction: float | Sequence[float] | np.ndarray | torch.Tensor,
+    keep_fraction: float = 0.75,
+    soft: bool = False,
+    threshold: float = 0.5,
+    class_names: Sequence[str] | None = None,
+) -> FilterResult:
+    """Keep the ``keep_fraction`` most confident pseudo-labels of each class, balanced as the labeled set.
+
+    Args:
+        probs: (N,) or (N, C) teacher probabilities for the unlabeled images.
+        positive_fraction: prevalence of each class in the labeled set (a float, or (C,); see ``class_proportions``).
+        keep_fraction: κ in (0, 1]; each class keeps K = round(κ·N) pseudo-labels, round(K·p) of them positive.
+        soft: keep the probabilities themselves as labels instead of 1/0.
+        threshold: probabilities ≥ it are positive candidates, those below negative candidates.
+        class_names: names used in ``counts`` and messages (default ``class_0``, ``class_1``, ...).
+
+    A class with fewer candidates than its quota keeps all of them and records a shortfall; the other side is
+    not topped up, so a teacher biased towards one class cannot put more of that class in the kept set than its quota.
+    Quotas are rounded half up; ties in probability go to the lower image index.
+    """
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}.")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
+    p = _to_numpy(probs)
+    if p.ndim not in (1, 2) or (p.ndim == 2 and p.shape[1] == 0):
+        raise ValueError(f"probs must have shape (N,) or (N, C) with C >= 1, got {p.shape}.")
+    p = p[:, None] if p.ndim == 1 else p
+    n, num_classes = p.shape
+    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise ValueError("probs must be probabilities in [0, 1] without NaN; apply a sigmoid to logits first.")
+    frac = _to_numpy(positive_fraction).reshape(-1)
+    if frac.size == 1:
+        frac = np.repeat(frac, num_classes)
+    if frac.shape != (num_classes,):
+        raise ValueError(f"positive_fraction has {frac.size} values for {num_classes} classes in probs.")
+    if np.isnan(frac).any() or (frac < 0).any() or (frac > 1).any():
+        raise ValueError(f"positive_fraction must be in [0, 1], got {frac.tolist()}.")
+    names = list(class_names) if class_names is not None else [f"class_{c}" for c in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names for {num_classes} classes in probs.")
+
+    mask = np.zeros((n, num_classes), dtype=bool)
+    labels = np.zeros((n, num_classes), dtype=np.float32)
+    counts: dict[str, dict[str, int]] = {}
+    shortfalls: list[str] = []
+    total = _round_half_up(keep_fraction * n)
+    for c, name in enumerate(names):
+        quota_pos = _round_half_up(total * frac[c])
+        quota_neg = total - quota_pos
+        pos = np.flatnonzero(p[:, c] >= threshold)
+        neg = np.flatnonzero(p[:, c] < threshold)
+        kept_pos = pos[_smallest(-p[pos, c], quota_pos)]
+        kept_neg = neg[_smallest(p[neg, c], quota_neg)]
+        mask[kept_pos, c] = True
+        mask[kept_neg, c] = True
+        if soft:
+            labels[mask[:, c], c] = p[mask[:, c], c]
+        else:
+            labels[kept_pos, c] = 1.0
+        counts[name] = {
+            "kept_positive": len(kept_pos),
+            "kept_negative": len(kept_neg),
+            "quota_positive": quota_pos,
+            "quota_negative": quota_neg,
+            "candidates_positive": len(pos),
+            "candidates_negative": len(neg),
+        }
+        for side, cands, quota, rule in (("positive", pos, quota_pos, ">="), ("negative", neg, quota_neg, "<")):
+            if len(cands) < quota:
+                msg = (
+                    f"class {name!r}: {len(cands)} {side} candidates (probability {rule} {threshold}) for a quota "
+                    f"of {quota}; kept them all, the rest is not refilled. Lower keep_fraction or adjust threshold "
+                    "to keep the labeled proportions."
+                )
+                logger.warning(msg)
+                shortfalls.append(msg)
+    return FilterResult(mask=mask, labels=labels, counts=counts, shortfalls=shortfalls, threshold=threshold)
+
+
+def class_proportions(items: Sequence[dict]) -> np.ndarray:
+    """(C,) prevalence of each class in a datalist: the mean of its items' ``label`` vectors."""
+    if len(items) == 0:
+        raise ValueError("class_proportions needs a non-empty datalist (the labeled set).")
+    try:
+        labels = np.asarray([it["label"] for it in items], dtype=np.float64)
+    except ValueError as e:
+        raise ValueError("the datalist's label vectors must all have the same length.") from e
+    return labels.reshape(len(items), -1).mean(axis=0)
+
+
+def flip_rate(result: FilterResult, true_labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(C,) fraction of kept pseudo-labels whose hard label differs from the true 0/1 label; NaN if none kept."""
+    truth = _to_numpy(true_labels)
+    if truth.ndim == 1:
+        truth = truth[:, None]
+    if truth.shape != result.mask.shape:
+        raise ValueError(f"true_labels shape {truth.shape} does not match the predictions {result.mask.shape}.")
+    flipped = ((result.labels >= result.threshold) != (truth >= 0.5)) & result.mask
+    kept = result.mask.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(kept > 0, flipped.sum(axis=0) / kept, np.nan)
+
+
+def filtered_datalist(items: Sequence[dict], result: FilterResult) -> list[dict]:
+    """The unlabeled ``items`` with a kept pseudo-label, labelled by the filter.
+
+    Each entry keeps ``image`` and ``id``; ``label`` is the pseudo-label vector and, for C > 1, ``label_mask``
+    (0/1 floats) marks which of its labels were kept and so enter the student's loss.
+    """
+    if len(items) != len(result.mask):
+        raise ValueError(f"the datalist has {len(items)} items but the filter saw {len(result.mask)} predictions.")
+    multi = result.mask.shape[1] > 1
+    out = []
+    for i in result.kept_images:
+        entry = {"image": items[i]["image"], "id": items[i]["id"], "label": result.labels[i].tolist()}
+        if multi:
+            entry["label_mask"] = result.mask[i].astype(np.float32).tolist()
+        out.append(entry)
+    return out
