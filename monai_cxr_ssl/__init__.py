@@ -3,6 +3,28 @@
 __version__ = "0.1.0"
 
 # Bundle configs refer to these as ``monai_cxr_ssl.<module>.<name>`` in expressions.
-from monai_cxr_ssl import data, evaluation, handlers, inferers, networks, transforms, utils  # noqa: E402
+from monai_cxr_ssl import (  # noqa: E402
+    data,
+    evaluation,
+    filtering,
+    handlers,
+    inferers,
+    networks,
+    pseudo_labels,
+    tracking,
+    transforms,
+    utils,
+)
 
-__all__ = ["data", "evaluation", "handlers", "inferers", "networks", "transforms", "utils"]
+__all__ = [
+    "data",
+    "evaluation",
+    "filtering",
+    "handlers",
+    "inferers",
+    "networks",
+    "pseudo_labels",
+    "tracking",
+    "transforms",
+    "utils",
+]

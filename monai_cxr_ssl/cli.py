@@ -60,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     tracking_uri = args.tracking_uri or _sqlite_uri(workdir / "mlflow.db")
     print(f"Demo on a SYNTHETIC chest-X-ray-like dataset (generated, not clinical data): {data_dir}")
     overrides = {
-        "dataset_dir": str(data_dir), "output_dir": str(workdir / "teacher"), "tracking_uri": tracking_uri,
+        "dataset_dir": str(data_dir), "output_dir": str(workdir), "tracking_uri": tracking_uri,
         "seed": args.seed,
     }
     if args.epochs is not None:

@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from json.encoder import encode_basestring
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
 
-from monai_cxr_ssl.utils import atomic_write
+from monai_cxr_ssl.utils import atomic_write, write_json
 
 __all__ = ["PseudoLabelFileWriter", "file_sha256", "pseudo_label_header", "read_pseudo_labels"]
 
@@ -57,7 +57,10 @@ def pseudo_label_header(
 def _check_header(header: object, path: Path) -> dict:
     """Return ``header`` if it is a pseudo-label header this version understands, else raise a ValueError."""
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a pseudo-label file (its first line is not a {FORMAT!r} header).")
+        raise ValueError(
+            f"{path} is not a pseudo-label file (its first line is not a {FORMAT!r} header): give the file that the "
+            "pseudo-label stage wrote."
+        )
     if header.get("version") != VERSION:
         raise ValueError(
             f"{path} is a pseudo-label file of version {header.get('version')!r}; this package reads version "
@@ -70,7 +73,8 @@ def _check_header(header: object, path: Path) -> dict:
         or not classes
         or not all(isinstance(c, str) for c in classes)
         or not all(isinstance(header.get(k), str) for k in strings)
-        or not isinstance(header.get("teacher_run_id", 0), (str, type(None)))
+        or "teacher_run_id" not in header
+        or not isinstance(header["teacher_run_id"], (str, type(None)))
     ):
         raise ValueError(
             f"{path}: pseudo-label header is incomplete; it needs a non-empty list of class names and the strings "
@@ -80,11 +84,11 @@ def _check_header(header: object, path: Path) -> dict:
 
 
 def _format_rows(ids: Sequence[str], probs: np.ndarray, labels: np.ndarray | None) -> str:
-    """The JSON Lines text of a batch of rows; numpy formats the float32 values a batch at a time."""
+    """JSON Lines text of a batch of rows: ASCII whatever the locale, float32 values formatted by numpy in bulk."""
     probs_text = probs.astype(str).tolist()
     labels_text = [None] * len(ids) if labels is None else labels.astype(str).tolist()
     return "".join(
-        f'{{"id": {encode_basestring(i)}, "probs": [{", ".join(p)}]'
+        f'{{"id": {encode_basestring_ascii(i)}, "probs": [{", ".join(p)}]'
         + ("" if y is None else f', "label": [{", ".join(y)}]')
         + "}\n"
         for i, p, y in zip(ids, probs_text, labels_text, strict=True)
@@ -278,3 +282,35 @@ def _is_numbers(values: object, length: int) -> bool:
         and len(values) == length
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     )
+
+
+FILTERED_FORMAT = "monai_cxr_ssl.filtered_pseudo_labels"
+
+
+def write_filtered_datalist(path: str | os.PathLike, items: list[dict], provenance: dict) -> None:
+    """Write the student's datalist (kept pseudo-labels) with where it came from, atomically."""
+    write_json(path, {"format": FILTERED_FORMAT, "version": 1, **provenance, "items": items})
+
+
+def load_filtered_datalist(path: str | os.PathLike, split: dict) -> list[dict]:
+    """The filtered pseudo-labelled datalist for the student, checked against the current ``split``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no filtered pseudo-labels here; run the pseudo_label stage first.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run the pseudo_label stage.") from e
+    if not isinstance(data, dict) or data.get("format") != FILTERED_FORMAT:
+        raise ValueError(f"{path} is not a filtered pseudo-label file; re-run the pseudo_label stage.")
+    if data["dataset_fingerprint"] != split["fingerprint"]:
+        raise ValueError(
+            f"{path} was made for another split (dataset fingerprint {data['dataset_fingerprint'][:12]}…, "
+            f"now {split['fingerprint'][:12]}…): re-run the pseudo_label stage."
+        )
+    if any("label_mask" in it for it in data["items"]):
+        raise ValueError(
+            f"{path} holds multi-label pseudo-labels with per-class masks; training a student on them needs a "
+            "masked loss, which this version does not provide yet. Use a binary task."
+        )
+    return data["items"]

@@ -77,7 +77,7 @@ def _epoch(checkpoint: Path) -> int:
 def test_train_is_killed_then_resumes(workspace):
     root, common = workspace
     out = root / "out"
-    last = out / "models" / "last.pt"
+    last = out / "teacher" / "models" / "last.pt"
     num_epochs = 4
     # Start a run, kill -9 it once an epoch has been checkpointed.
     proc = subprocess.Popen(
@@ -91,14 +91,14 @@ def test_train_is_killed_then_resumes(workspace):
     assert last.exists(), "no epoch checkpoint was written before the deadline"
     killed_at = _epoch(last)
     assert killed_at < num_epochs
-    assert not list((out / "models").glob("*.tmp")) and not list((out / "models").glob("tmp*"))
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt", "model.pt"]  # no temporary files
 
     # The same command again resumes instead of starting over.
     done = subprocess.run(_train_cmd(common, num_epochs), cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"after epoch {killed_at} of {num_epochs}" in done.stdout + done.stderr
     assert _epoch(last) == num_epochs
-    assert (out / "models" / "model.pt").exists()
+    assert (out / "teacher" / "models" / "model.pt").exists()
 
     split = json.loads((out / "split.json").read_text())
     client, runs = _runs(common)
@@ -120,18 +120,18 @@ def test_train_is_killed_then_resumes(workspace):
 def test_evaluate_ten_crop_report(workspace):
     root, common = workspace
     out = root / "out"
-    if not (out / "models" / "model.pt").exists():
+    if not (out / "teacher" / "models" / "model.pt").exists():
         pytest.skip("needs the trained checkpoint of test_train_is_killed_then_resumes")
     cmd = _bundle_cmd(
         "run", [CONFIGS / "train.json", CONFIGS / "evaluate.json", REPO / "configs" / "demo.json"], **common
     )
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((out / "test_metrics.json").read_text())
+    report = json.loads((out / "teacher" / "test_metrics.json").read_text())
     split = json.loads((out / "split.json").read_text())
     assert report["num_images"] == len(split["test"])
     assert 0.0 <= report["mean_auroc"] <= 1.0 and set(report["auroc"]) == {"OPACITY"}
-    assert (out / "test_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "teacher" / "test_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     client, runs = _runs(common)
     (run,) = [r for r in runs if r.info.run_name == "teacher-lambda0.5-seed0-evaluate"]
@@ -154,7 +154,7 @@ def test_evaluate_without_checkpoint_fails_clearly(workspace, tmp_path):
 
 def test_verify_export_and_inference(workspace, tmp_path):
     root, common = workspace
-    ckpt = root / "out" / "models" / "model.pt"
+    ckpt = root / "out" / "teacher" / "models" / "model.pt"
     if not ckpt.exists():
         pytest.skip("needs the trained checkpoint of test_train_is_killed_then_resumes")
     meta, inference = CONFIGS / "metadata.json", CONFIGS / "inference.json"

@@ -36,7 +36,7 @@ def test_run_records_executed_config_in_mlflow(data, tmp_path):
         "experiment_name=cli", "labeled_fraction=0.5", *TINY, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    executed = json.loads((out / "config_executed.json").read_text())
+    executed = json.loads((out / "teacher" / "config_executed.json").read_text())
     assert executed["labeled_fraction"] == 0.5 and executed["num_epochs"] == 1
     assert executed["datasource"]["positive_class"] == "OPACITY"  # the overlay was merged
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -60,4 +60,4 @@ def test_bad_settings_fail_before_training(data, tmp_path, setting, message):
     )
     assert done.returncode == 2
     assert message in done.stderr.splitlines()[-1]
-    assert not (out / "models").exists()  # nothing trained, nothing half-written
+    assert not (out / "teacher" / "models").exists()  # nothing trained, nothing half-written

@@ -36,6 +36,6 @@ def test_kermany_teacher_smoke(shared_data, tmp_path):
     pool = sum(split["counts"][p] for p in ("labeled", "unlabeled", "validation"))
     assert pool == 5216
     assert split["positives"]["labeled"][0] > 0
-    report = json.loads((out / "test_metrics.json").read_text())
+    report = json.loads((out / "teacher" / "test_metrics.json").read_text())
     assert report["num_images"] == 624 and report["positives"] == {"PNEUMONIA": 390}
     assert 0.0 <= report["mean_auroc"] <= 1.0

@@ -1,6 +1,8 @@
 """Ignite handlers used by the bundles."""
 
+from monai_cxr_ssl.handlers.balanced_filter import BalancedFilter
 from monai_cxr_ssl.handlers.checkpoint import BestCheckpoint, ResumableCheckpoint
+from monai_cxr_ssl.handlers.pseudo_label import PseudoLabelWriter
 from monai_cxr_ssl.handlers.report import AUROCReport
 
-__all__ = ["AUROCReport", "BestCheckpoint", "ResumableCheckpoint"]
+__all__ = ["AUROCReport", "BalancedFilter", "BestCheckpoint", "PseudoLabelWriter", "ResumableCheckpoint"]

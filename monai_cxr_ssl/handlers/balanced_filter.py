@@ -1,0 +1,92 @@
+"""Ignite handler that applies the balanced confidence filter to a finished pseudo-label file."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from ignite.engine import Engine, Events
+
+from monai_cxr_ssl.filtering import balanced_filter, class_proportions, filtered_datalist, flip_rate
+from monai_cxr_ssl.pseudo_labels import file_sha256, read_pseudo_labels, write_filtered_datalist
+
+logger = logging.getLogger("monai_cxr_ssl")
+
+
+class BalancedFilter:
+    """Keeps κ·|U| of the teacher's pseudo-labels in the labeled set's class proportions and writes the
+    student's datalist to ``output_file``.
+
+    Attach it to the pseudo-label evaluator after ``PseudoLabelWriter`` (it reads that handler's file at
+    ``EPOCH_COMPLETED``) and before ``MLFlowHandler``: it adds ``filter_kept`` and, per class,
+    ``filter_kept_positive_<c>`` / ``filter_kept_negative_<c>`` (and ``filter_flip_rate_<c>`` when the file holds
+    the true labels) to ``engine.state.metrics``.
+
+    Args:
+        pseudo_label_file: the file ``PseudoLabelWriter`` writes.
+        split: the split (``prepare_split``): its ``unlabeled`` items are the images, its ``labeled`` items give
+            the class proportions, its fingerprint must match the file's.
+        output_file: the filtered datalist (JSON) for the student stage.
+        keep_fraction: κ, the share of the unlabeled images kept, in (0, 1].
+        soft: keep the probability as the label instead of 0/1.
+        threshold: probability separating positive from negative candidates.
+    """
+
+    def __init__(
+        self,
+        pseudo_label_file: str | os.PathLike,
+        split: dict,
+        output_file: str | os.PathLike,
+        keep_fraction: float = 0.75,
+        soft: bool = False,
+        threshold: float = 0.5,
+    ) -> None:
+        if not 0.0 < keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction (κ) must be in (0, 1], got {keep_fraction}.")
+        self.pseudo_label_file = pseudo_label_file
+        self.split = split
+        self.output_file = output_file
+        self.keep_fraction = keep_fraction
+        self.soft = soft
+        self.threshold = threshold
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        header, ids, probs, labels = read_pseudo_labels(
+            self.pseudo_label_file, expected_fingerprint=self.split["fingerprint"]
+        )
+        classes = header["classes"]
+        unlabeled = {it["id"]: it for it in self.split["unlabeled"]}
+        items = [unlabeled[i] for i in ids]
+        result = balanced_filter(
+            probs, class_proportions(self.split["labeled"]), self.keep_fraction, self.soft, self.threshold, classes
+        )
+        kept = filtered_datalist(items, result)
+        provenance = {
+            "dataset_fingerprint": self.split["fingerprint"],
+            "pseudo_label_file": os.path.basename(self.pseudo_label_file),
+            "pseudo_label_sha256": file_sha256(self.pseudo_label_file),
+            "keep_fraction": self.keep_fraction,
+            "soft": self.soft,
+            "threshold": self.threshold,
+            "counts": result.counts,
+            "shortfalls": result.shortfalls,
+        }
+        write_filtered_datalist(self.output_file, kept, provenance)
+
+        metrics = engine.state.metrics
+        metrics["filter_kept"] = len(kept)
+        flips = flip_rate(result, labels) if labels is not None else np.full(len(classes), np.nan)
+        for name, flip in zip(classes, flips, strict=True):
+            metrics[f"filter_kept_positive_{name}"] = result.counts[name]["kept_positive"]
+            metrics[f"filter_kept_negative_{name}"] = result.counts[name]["kept_negative"]
+            if not np.isnan(flip):
+                metrics[f"filter_flip_rate_{name}"] = float(flip)
+        logger.info(
+            "balanced filter kept %d of %d unlabeled images (κ=%s, %s labels): %s",
+            len(kept), len(ids), self.keep_fraction, "soft" if self.soft else "hard",
+            "; ".join(f"{n}: +{c['kept_positive']} / -{c['kept_negative']}" for n, c in result.counts.items()),
+        )

@@ -1,0 +1,76 @@
+"""BalancedFilter handler: reads a finished pseudo-label file, writes the student's datalist, reports counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+
+from monai_cxr_ssl.handlers import BalancedFilter
+from monai_cxr_ssl.pseudo_labels import PseudoLabelFileWriter, load_filtered_datalist, pseudo_label_header
+
+
+def _split(n_unlabeled: int, fingerprint: str = "f" * 64) -> dict:
+    labeled = [{"image": f"/d/l{i}.png", "id": f"l{i}", "label": [float(i < 2)]} for i in range(10)]  # 20% positive
+    unlabeled = [{"image": f"/d/u{i}.png", "id": f"u{i}", "label": [float(i % 2)]} for i in range(n_unlabeled)]
+    return {"fingerprint": fingerprint, "classes": ["Effusion"], "labeled": labeled, "unlabeled": unlabeled}
+
+
+def _pseudo_labels(path, split, probs, tmp_path):
+    checkpoint = tmp_path / "teacher.pt"
+    torch.save({}, checkpoint)
+    header = pseudo_label_header(split["classes"], split["fingerprint"], checkpoint)
+    with PseudoLabelFileWriter(path, header) as writer:
+        ids = [it["id"] for it in split["unlabeled"]]
+        labels = np.array([it["label"] for it in split["unlabeled"]], dtype=np.float32)
+        writer.write(ids, np.asarray(probs, dtype=np.float32).reshape(-1, 1), labels)
+
+
+def test_filter_handler_writes_balanced_datalist(tmp_path):
+    split = _split(20)
+    probs = np.linspace(0.01, 0.99, 20)  # u0 lowest ... u19 highest
+    _pseudo_labels(tmp_path / "pl.jsonl", split, probs, tmp_path)
+    handler = BalancedFilter(tmp_path / "pl.jsonl", split, tmp_path / "filtered.json", keep_fraction=0.5)
+    engine = Engine(lambda e, b: None)
+    handler.attach(engine)
+    engine.run([0])
+
+    items = load_filtered_datalist(tmp_path / "filtered.json", split)
+    # K = 10 kept in the labeled proportions (20% positive): the 2 most and the 8 least confident.
+    positives = sorted(it["id"] for it in items if it["label"] == [1.0])
+    negatives = sorted(it["id"] for it in items if it["label"] == [0.0])
+    assert positives == ["u18", "u19"]
+    assert negatives == sorted(f"u{i}" for i in range(8))
+    assert all(it["image"] == f"/d/{it['id']}.png" for it in items)
+    metrics = engine.state.metrics
+    assert metrics["filter_kept"] == 10
+    assert metrics["filter_kept_positive_Effusion"] == 2 and metrics["filter_kept_negative_Effusion"] == 8
+    # True labels alternate: among u0..u7 four are positive (flipped), u19 positive, u18 negative → 5 of 10.
+    assert metrics["filter_flip_rate_Effusion"] == pytest.approx(0.5)
+
+
+def test_filtered_datalist_refuses_another_split(tmp_path):
+    split = _split(6)
+    _pseudo_labels(tmp_path / "pl.jsonl", split, np.full(6, 0.5), tmp_path)
+    engine = Engine(lambda e, b: None)
+    BalancedFilter(tmp_path / "pl.jsonl", split, tmp_path / "filtered.json").attach(engine)
+    engine.run([0])
+    with pytest.raises(ValueError, match="made for another split"):
+        load_filtered_datalist(tmp_path / "filtered.json", _split(6, fingerprint="0" * 64))
+
+
+def test_pseudo_label_file_of_another_split_is_refused(tmp_path):
+    split = _split(6)
+    _pseudo_labels(tmp_path / "pl.jsonl", split, np.full(6, 0.5), tmp_path)
+    engine = Engine(lambda e, b: None)
+    BalancedFilter(tmp_path / "pl.jsonl", _split(6, "0" * 64), tmp_path / "filtered.json").attach(engine)
+    with pytest.raises(ValueError, match="another split or teacher"):
+        engine.run([0])
+    assert not (tmp_path / "filtered.json").exists()
+
+
+@pytest.mark.parametrize("kappa", [0.0, 1.5])
+def test_keep_fraction_outside_range(tmp_path, kappa):
+    with pytest.raises(ValueError, match="keep_fraction"):
+        BalancedFilter(tmp_path / "pl.jsonl", _split(4), tmp_path / "f.json", keep_fraction=kappa)
