@@ -132,7 +132,7 @@ def main() -> None:
     cli.add_argument("--image-size", type=int, default=64)
     cli.add_argument("--crop-size", type=int, default=56)
     cli.add_argument("--batch-size", type=int, default=16)
-    cli.add_argument("--iterations", type=int, default=10, help="batches per timed epoch")
+    cli.add_argument("--iterations", type=int, default=20, help="batches per timed epoch")
     cli.add_argument("--repeats", type=int, default=5)
     cli.add_argument("--data-images", type=int, default=1000)
     cli.add_argument("--workers", type=int, default=2)
