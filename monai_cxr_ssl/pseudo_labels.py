@@ -18,7 +18,7 @@ from types import TracebackType
 
 import numpy as np
 
-from monai_cxr_ssl.utils import atomic_write, write_json
+from monai_cxr_ssl.utils import atomic_write, read_json, write_json
 
 __all__ = ["PseudoLabelFileWriter", "file_sha256", "pseudo_label_header", "read_pseudo_labels"]
 
@@ -294,13 +294,7 @@ def write_filtered_datalist(path: str | os.PathLike, items: list[dict], provenan
 
 def load_filtered_datalist(path: str | os.PathLike, split: dict) -> list[dict]:
     """The filtered pseudo-labelled datalist for the student, checked against the current ``split``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no filtered pseudo-labels here; run the pseudo_label stage first.")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run the pseudo_label stage.") from e
+    data = read_json(path, "filtered pseudo-label file", "run the pseudo_label stage first")
     if not isinstance(data, dict) or data.get("format") != FILTERED_FORMAT:
         raise ValueError(f"{path} is not a filtered pseudo-label file; re-run the pseudo_label stage.")
     if data["dataset_fingerprint"] != split["fingerprint"]:

@@ -32,6 +32,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def read_json(path: str | os.PathLike, what: str, remedy: str) -> Any:
+    """Read a JSON file this package wrote; a missing or corrupt file raises an error naming ``what`` it should
+    be and the ``remedy``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {what} here; {remedy}.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e}); {remedy}.") from e
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_write(path) as f:

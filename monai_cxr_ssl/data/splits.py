@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from monai_cxr_ssl.utils import write_json
+from monai_cxr_ssl.utils import read_json, write_json
 
 __all__ = ["fingerprint", "load_split", "make_split", "prepare_split"]
 
@@ -168,13 +168,7 @@ def make_split(
 
 def load_split(path: str | os.PathLike) -> dict:
     """Read a split file written by :func:`prepare_split`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}; create it with prepare_split.")
-    try:
-        split = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"split file {path} is not valid JSON ({e}); delete it to make a new split.") from e
+    split = read_json(path, "split file", "create it with prepare_split (delete a corrupt one to make a new split)")
     required = {"version", "fingerprint", "params", "classes", *PARTS}
     if not isinstance(split, dict) or not required <= split.keys() or split["version"] != SPLIT_VERSION:
         raise ValueError(f"{path} is not a version-{SPLIT_VERSION} split file; delete it to make a new split.")
