@@ -293,7 +293,10 @@ def write_filtered_datalist(path: str | os.PathLike, items: list[dict], provenan
 
 
 def load_filtered_datalist(path: str | os.PathLike, split: dict) -> list[dict]:
-    """The filtered pseudo-labelled datalist for the student, checked against the current ``split``."""
+    """The filtered pseudo-labelled datalist for the student, checked against the current ``split``.
+
+    For multi-label files, labels the filter did not keep are NaN (see ``MaskedBCEWithLogitsLoss``).
+    """
     data = read_json(path, "filtered pseudo-label file", "run the pseudo_label stage first")
     if not isinstance(data, dict) or data.get("format") != FILTERED_FORMAT:
         raise ValueError(f"{path} is not a filtered pseudo-label file; re-run the pseudo_label stage.")
@@ -302,9 +305,11 @@ def load_filtered_datalist(path: str | os.PathLike, split: dict) -> list[dict]:
             f"{path} was made for another split (dataset fingerprint {data['dataset_fingerprint'][:12]}…, "
             f"now {split['fingerprint'][:12]}…): re-run the pseudo_label stage."
         )
-    if any("label_mask" in it for it in data["items"]):
-        raise ValueError(
-            f"{path} holds multi-label pseudo-labels with per-class masks; training a student on them needs a "
-            "masked loss, which this version does not provide yet. Use a binary task."
-        )
-    return data["items"]
+    return [{"image": it["image"], "id": it["id"], "label": _student_label(it)} for it in data["items"]]
+
+
+def _student_label(item: dict) -> list[float]:
+    """The item's pseudo-label, NaN where a multi-label filter dropped it (``MaskedBCEWithLogitsLoss`` ignores NaN)."""
+    if "label_mask" not in item:
+        return item["label"]
+    return [y if m else float("nan") for y, m in zip(item["label"], item["label_mask"], strict=True)]

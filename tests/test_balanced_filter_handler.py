@@ -74,3 +74,26 @@ def test_pseudo_label_file_of_another_split_is_refused(tmp_path):
 def test_keep_fraction_outside_range(tmp_path, kappa):
     with pytest.raises(ValueError, match="keep_fraction"):
         BalancedFilter(tmp_path / "pl.jsonl", _split(4), tmp_path / "f.json", keep_fraction=kappa)
+
+
+def test_multilabel_filtered_datalist_marks_dropped_labels_nan(tmp_path):
+    classes = ["Effusion", "Mass"]
+    labeled = [{"image": f"/d/l{i}.png", "id": f"l{i}", "label": [float(i < 5), float(i < 2)]} for i in range(10)]
+    unlabeled = [{"image": f"/d/u{i}.png", "id": f"u{i}", "label": [0.0, 0.0]} for i in range(10)]
+    split = {"fingerprint": "f" * 64, "classes": classes, "labeled": labeled, "unlabeled": unlabeled}
+    checkpoint = tmp_path / "teacher.pt"
+    torch.save({}, checkpoint)
+    rng = np.random.default_rng(0)
+    header = pseudo_label_header(classes, split["fingerprint"], checkpoint)
+    with PseudoLabelFileWriter(tmp_path / "pl.jsonl", header) as w:
+        w.write([it["id"] for it in unlabeled], rng.random((10, 2)).astype(np.float32))
+    engine = Engine(lambda e, b: None)
+    BalancedFilter(tmp_path / "pl.jsonl", split, tmp_path / "filtered.json", keep_fraction=0.4).attach(engine)
+    engine.run([0])
+
+    items = load_filtered_datalist(tmp_path / "filtered.json", split)
+    labels = np.array([it["label"] for it in items], dtype=float)
+    kept = ~np.isnan(labels)
+    assert kept.sum(axis=0).tolist() == [4, 4]  # κ·|U| = 4 per pathology
+    assert kept.any(axis=1).all()  # every listed image has at least one kept label
+    assert set(np.unique(labels[kept])) <= {0.0, 1.0}
