@@ -135,11 +135,6 @@ class PseudoLabelFileWriter:
         else:
             self.abort()
 
-    @property
-    def closed(self) -> bool:
-        """Whether the file was committed or aborted."""
-        return self._file is None
-
     def write(self, ids: Sequence[str], probs: np.ndarray, labels: np.ndarray | None = None) -> None:
         """Append one row per id: its probabilities (and true labels, for benchmarks that know them).
 
