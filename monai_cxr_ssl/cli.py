@@ -49,42 +49,56 @@ def cmd_run(args: argparse.Namespace) -> None:
     run_bundle(args.configs, bundle=args.bundle, **_parse_overrides(args.set))
 
 
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from monai_cxr_ssl.pipeline import Pipeline
+
+    Pipeline(args.configs, _parse_overrides(args.set), bundle=args.bundle, echo=_echo).run()
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from monai_cxr_ssl.pipeline import run_sweep
+
+    run_sweep(args.configs, _parse_overrides(args.set), args.lambdas, args.seeds, bundle=args.bundle, echo=_echo)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.data import make_synthetic_dataset
-    from monai_cxr_ssl.workflow import run_bundle
+    from monai_cxr_ssl.pipeline import Pipeline
 
     workdir = Path(args.workdir).resolve()
     if args.fresh and workdir.exists():
         shutil.rmtree(workdir)
     data_dir = make_synthetic_dataset(workdir / "data", seed=args.seed)
     tracking_uri = args.tracking_uri or _sqlite_uri(workdir / "mlflow.db")
-    print(f"Demo on a SYNTHETIC chest-X-ray-like dataset (generated, not clinical data): {data_dir}")
+    _echo(f"Demo on a SYNTHETIC chest-X-ray-like dataset (generated, not clinical data): {data_dir}")
     overrides = {
-        "dataset_dir": str(data_dir), "output_dir": str(workdir), "tracking_uri": tracking_uri,
+        "dataset_dir": str(data_dir), "output_dir": str(workdir / "pipeline"), "tracking_uri": tracking_uri,
         "seed": args.seed,
     }
     if args.epochs is not None:
         overrides["num_epochs"] = args.epochs
-    run_bundle(["train", "demo"], **overrides)
-    workflow = run_bundle(["evaluate", "demo"], **overrides)
-    report = workflow.parser.get_parsed_content("validate#report").report
-    print()
-    print("SYNTHETIC data demo: supervised DenseNet121 teacher, ten-crop test-time augmentation")
-    print(f"  test images: {report['num_images']}  positives: {report['positives']}")
-    print(f"  test AUROC (mean over classes): {report['mean_auroc']:.4f}")
-    print(f"  reports: {workdir / 'teacher'}/test_metrics.json, test_roc.png")
-    print(f"  MLflow store: {tracking_uri}")
-    print(f"  browse it with: mlflow ui --backend-store-uri {tracking_uri}")
+    results = Pipeline(["demo"], overrides, echo=_echo).run()
+    auroc = results["auroc"]
+    _echo("SYNTHETIC data demo: DenseNet121 teacher → pseudo-labels → student, ten-crop test-time augmentation")
+    _echo(f"  test AUROC: teacher {auroc['teacher']:.4f}, intermediate {auroc['intermediate']:.4f}, "
+          f"student {auroc['student']:.4f}")
+    _echo(f"  outputs: {workdir / 'pipeline'} (results.json, table1.md, one folder per stage)")
+    _echo(f"  MLflow store: {tracking_uri}")
+    _echo(f"  browse it with: mlflow ui --backend-store-uri {tracking_uri}")
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-cxr-ssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train and evaluate a teacher on a generated synthetic dataset (offline)")
+    demo = sub.add_parser("demo", help="the teacher-student pipeline on a generated synthetic dataset (offline)")
     demo.add_argument("--workdir", default=".demo", help="where data, checkpoints, reports and mlflow.db go")
     demo.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --workdir)")
-    demo.add_argument("--epochs", type=int, default=None, help="teacher epochs (default: configs/demo.json)")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs of every stage (default: configs/demo.json)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--fresh", action="store_true", help="delete --workdir first instead of resuming")
     demo.set_defaults(func=cmd_demo)
@@ -107,6 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
     run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. num_epochs=5")
     run.set_defaults(func=cmd_run)
+
+    stage_help = (
+        "config overrides for every stage (num_epochs=2) or one kind of stage (student:num_epochs=3; kinds: teacher, "
+        "pseudo_label, student, finetune, evaluate); rounds=N for N teacher-student rounds"
+    )
+    pipe = sub.add_parser(
+        "pipeline",
+        help="teacher → pseudo-label → student → fine-tune → evaluate; resumable, one MLflow parent run",
+        description="Example: monai-cxr-ssl pipeline kermany cpu_small --set output_dir=runs/k labeled_fraction=0.05",
+    )
+    pipe.add_argument("configs", nargs="*", help="overlays for every stage (configs/ names or files)")
+    pipe.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
+    pipe.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=stage_help)
+    pipe.set_defaults(func=cmd_pipeline)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="the pipeline for every labeled fraction × seed, then Table I (mean ± std over seeds)",
+        description="Example: monai-cxr-ssl sweep kermany cpu_small --lambdas 0.02 0.05 0.1 --seeds 0 1 "
+        "--set output_dir=runs/sweep",
+    )
+    sweep.add_argument("configs", nargs="*", help="overlays for every stage (configs/ names or files)")
+    sweep.add_argument("--lambdas", type=float, nargs="+", required=True, help="labeled fractions λ, in (0, 1]")
+    sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="split and training seeds (default: 0)")
+    sweep.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
+    sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=stage_help)
+    sweep.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -2,7 +2,9 @@
 
 The teacher predicts probabilities for the unlabeled set U; ``balanced_filter`` keeps K = κ·|U| of them, the most
 confident ones, split between positives and negatives in the class proportions of the labeled set D: the highest
-probabilities above the threshold become positives, the lowest below it negatives.
+probabilities become positives, the lowest negatives. That ranking is the paper's rule (``threshold=None``); with a
+threshold, only probabilities at or above it may become positives and only those below it negatives, so a quota
+the teacher cannot fill on its side of the threshold is left short instead of taking unconfident predictions.
 
 Multi-label predictions (C > 1, the paper's suggested extension) are filtered per class independently, so the
 result is a mask over (image, class) pairs: the student's loss must then be masked (binary cross-entropy only on
@@ -29,17 +31,18 @@ logger = logging.getLogger("monai_cxr_ssl")
 class FilterResult:
     """Pseudo-labels kept by ``balanced_filter``.
 
-    ``mask`` (N, C) marks the kept (image, class) pairs; ``labels`` (N, C) holds 1/0 (hard) or the probability
-    (soft) where kept and 0 elsewhere; ``counts`` maps each class name to its kept / quota / candidate counts;
-    ``shortfalls`` describes the classes that had fewer candidates than their quota; ``threshold`` separates
-    positive from negative pseudo-labels (for soft labels too).
+    ``mask`` (N, C) marks the kept (image, class) pairs; ``positive`` (N, C) those kept as positives; ``labels``
+    (N, C) holds 1/0 (hard) or the probability (soft) where kept and 0 elsewhere; ``counts`` maps each class name to
+    its kept / quota / candidate counts; ``shortfalls`` describes the classes that had fewer candidates than their
+    quota; ``threshold`` is the one used (None: ranking only).
     """
 
     mask: np.ndarray
+    positive: np.ndarray
     labels: np.ndarray
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     shortfalls: list[str] = field(default_factory=list)
-    threshold: float = 0.5
+    threshold: float | None = None
 
     @property
     def kept_images(self) -> np.ndarray:
@@ -74,7 +77,7 @@ def balanced_filter(
     positive_fraction: float | Sequence[float] | np.ndarray | torch.Tensor,
     keep_fraction: float = 0.75,
     soft: bool = False,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     class_names: Sequence[str] | None = None,
 ) -> FilterResult:
     """Keep the ``keep_fraction`` most confident pseudo-labels of each class, balanced as the labeled set.
@@ -84,7 +87,9 @@ def balanced_filter(
         positive_fraction: prevalence of each class in the labeled set (a float, or (C,); see ``class_proportions``).
         keep_fraction: κ in (0, 1]; each class keeps K = round(κ·N) pseudo-labels, round(K·p) of them positive.
         soft: keep the probabilities themselves as labels instead of 1/0.
-        threshold: probabilities ≥ it are positive candidates, those below negative candidates.
+        threshold: None (default, the paper) ranks only: the ``K·p`` highest probabilities become positives and
+            the ``K·(1-p)`` lowest of the rest negatives. A number restricts positives to probabilities ≥ it and
+            negatives to those below it.
         class_names: names used in ``counts`` and messages (default ``class_0``, ``class_1``, ...).
 
     A class with fewer candidates than its quota keeps all of them and records a shortfall; the other side is
@@ -93,7 +98,7 @@ def balanced_filter(
     """
     if not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}.")
-    if not 0.0 <= threshold <= 1.0:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
     p = _to_numpy(probs)
     if p.ndim not in (1, 2) or (p.ndim == 2 and p.shape[1] == 0):
@@ -114,6 +119,7 @@ def balanced_filter(
         raise ValueError(f"class_names has {len(names)} names for {num_classes} classes in probs.")
 
     mask = np.zeros((n, num_classes), dtype=bool)
+    positive = np.zeros((n, num_classes), dtype=bool)
     labels = np.zeros((n, num_classes), dtype=np.float32)
     counts: dict[str, dict[str, int]] = {}
     shortfalls: list[str] = []
@@ -121,10 +127,18 @@ def balanced_filter(
     for c, name in enumerate(names):
         quota_pos = _round_half_up(total * frac[c])
         quota_neg = total - quota_pos
-        pos = np.flatnonzero(p[:, c] >= threshold)
-        neg = np.flatnonzero(p[:, c] < threshold)
-        kept_pos = pos[_smallest(-p[pos, c], quota_pos)]
+        if threshold is None:
+            pos = np.arange(n)
+            kept_pos = _smallest(-p[:, c], quota_pos)
+            rest = np.ones(n, dtype=bool)
+            rest[kept_pos] = False
+            neg = np.flatnonzero(rest)
+        else:
+            pos = np.flatnonzero(p[:, c] >= threshold)
+            neg = np.flatnonzero(p[:, c] < threshold)
+            kept_pos = pos[_smallest(-p[pos, c], quota_pos)]
         kept_neg = neg[_smallest(p[neg, c], quota_neg)]
+        positive[kept_pos, c] = True
         mask[kept_pos, c] = True
         mask[kept_neg, c] = True
         if soft:
@@ -144,11 +158,11 @@ def balanced_filter(
                 msg = (
                     f"class {name!r}: {len(cands)} {side} candidates (probability {rule} {threshold}) for a quota "
                     f"of {quota}; kept them all, the rest is not refilled. Lower keep_fraction or adjust threshold "
-                    "to keep the labeled proportions."
+                    "(or null for ranking only) to keep the labeled proportions."
                 )
                 logger.warning(msg)
                 shortfalls.append(msg)
-    return FilterResult(mask=mask, labels=labels, counts=counts, shortfalls=shortfalls, threshold=threshold)
+    return FilterResult(mask, positive, labels, counts=counts, shortfalls=shortfalls, threshold=threshold)
 
 
 def class_proportions(items: Sequence[dict]) -> np.ndarray:
@@ -169,7 +183,7 @@ def flip_rate(result: FilterResult, true_labels: np.ndarray | torch.Tensor) -> n
         truth = truth[:, None]
     if truth.shape != result.mask.shape:
         raise ValueError(f"true_labels shape {truth.shape} does not match the predictions {result.mask.shape}.")
-    flipped = ((result.labels >= result.threshold) != (truth >= 0.5)) & result.mask
+    flipped = (result.positive != (truth >= 0.5)) & result.mask
     kept = result.mask.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(kept > 0, flipped.sum(axis=0) / kept, np.nan)

@@ -1,18 +1,25 @@
-"""MLflow look-ups shared by the stages."""
+"""MLflow look-ups shared by the stages and the pipeline."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import mlflow
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from monai.utils import path_to_uri
+
+SUPERSEDED_SUFFIX = "-superseded"
+
+
+def tracking_client(tracking_uri: str) -> mlflow.MlflowClient:
+    """A client for ``tracking_uri``; ``MLFLOW_TRACKING_URI`` wins, as in MONAI's ``MLFlowHandler``."""
+    return mlflow.MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri)
 
 
 def find_run_id(tracking_uri: str, experiment_name: str, run_name: str) -> str | None:
-    """The id of the newest run called ``run_name`` in ``experiment_name``, or None if there is none.
-
-    ``MLFLOW_TRACKING_URI`` wins over ``tracking_uri``, as in MONAI's ``MLFlowHandler``.
-    """
-    client = mlflow.MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri)
+    """The id of the newest run called ``run_name`` in ``experiment_name``, or None if there is none."""
+    client = tracking_client(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return None
@@ -23,3 +30,41 @@ def find_run_id(tracking_uri: str, experiment_name: str, run_name: str) -> str |
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing with artifacts where ``MLFlowHandler`` puts them (next to
+    a SQLite store, in ``mlruns/``), so runs made here and by the bundles' handlers share one layout."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    uri = client.tracking_uri
+    location = path_to_uri(Path(uri[len("sqlite:///"):]).parent / "mlruns") if uri.startswith("sqlite:///") else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def claim_run(
+    client: mlflow.MlflowClient, experiment: str, run_name: str, parent_run_id: str | None, resume: bool
+) -> str:
+    """Make sure the unfinished run called ``run_name`` that ``MLFlowHandler`` will log into is the right one.
+
+    ``MLFlowHandler`` continues the oldest unfinished run with its run name. With ``resume`` (an interrupted
+    stage restarted with the same settings) that run is kept; otherwise unfinished runs of that name are
+    renamed ``<name>-superseded`` and marked killed, and a new run is created. Either way the run is tagged as a
+    child of ``parent_run_id``. Returns the run id.
+    """
+    runs = client.search_runs(
+        [experiment], filter_string=f"attributes.run_name = '{run_name}'", order_by=["attributes.start_time ASC"]
+    )
+    unfinished = [r for r in runs if r.info.status != "FINISHED"]
+    if resume and unfinished:
+        run_id = unfinished[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        unfinished = unfinished[1:]
+    else:
+        run_id = client.create_run(experiment, run_name=run_name).info.run_id
+    for run in unfinished:
+        client.update_run(run.info.run_id, status="KILLED", name=run_name + SUPERSEDED_SUFFIX)
+    if parent_run_id:
+        client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
+    return run_id

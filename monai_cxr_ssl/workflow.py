@@ -30,17 +30,24 @@ NAMED_CONFIGS = {
 
 
 def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[str]:
-    """Turn config names (``train``, ``evaluate``, ``inference``) and overlay paths into a list of files.
+    """Turn config names (``train``, ``evaluate``, ``student`` ...) and overlay paths into a list of files.
 
-    A bare overlay name such as ``cpu_small`` is looked up in the repository's ``configs/`` folder.
+    A bare overlay name such as ``cpu_small`` is looked up in the repository's ``configs/`` folder. The files
+    come in the order base config, the user's overlays, then the stage overlays (``evaluate.json``,
+    ``student.json`` ...): what defines a stage (its data, checkpoint, run name) is not undone by a general
+    overlay, and per-stage settings have their own ids (``student_epochs``, ``finetune_epochs``).
     """
     bundle = Path(bundle)
     if not (bundle / "configs").is_dir():
         raise FileNotFoundError(f"{bundle}: not a MONAI bundle (no configs/ folder); pass --bundle <bundle dir>.")
-    files: list[str] = []
+    base: list[str] = []
+    overlays: list[str] = []
+    stage: list[str] = []
     for name in configs:
         if name in NAMED_CONFIGS:
-            files += [str(bundle / "configs" / f) for f in NAMED_CONFIGS[name]]
+            first, *rest = (str(bundle / "configs" / f) for f in NAMED_CONFIGS[name])
+            base.append(first)
+            stage += rest
             continue
         path = Path(name)
         if not path.suffix and (OVERLAYS_DIR / f"{name}.json").is_file():
@@ -50,26 +57,30 @@ def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[s
                 f"config {name!r} not found: use one of {sorted(NAMED_CONFIGS)}, a JSON/YAML file, "
                 f"or an overlay name from {OVERLAYS_DIR}."
             )
-        files.append(str(path))
-    return files
+        overlays.append(str(path))
+    return base + overlays + stage
 
 
-def run_bundle(
+def make_workflow(
     configs: Sequence[str], bundle: str | os.PathLike = DEFAULT_BUNDLE, **overrides: Any
 ) -> ConfigWorkflow:
-    """Initialise, run and finalise a bundle workflow; returns it so callers can read parsed results.
-
-    Before running, the merged config (files plus overrides) is written to the path in the
-    config's ``executed_config`` so that the MLflow run can keep it as an artifact.
-    """
+    """A bundle workflow for ``configs`` (names or files, see ``resolve_configs``) with ``overrides``, not yet run."""
     bundle = Path(bundle).resolve()
     overrides.setdefault("bundle_root", str(bundle))
-    workflow = ConfigWorkflow(
+    return ConfigWorkflow(
         config_file=resolve_configs(bundle, configs),
         meta_file=str(bundle / "configs" / "metadata.json"),
         logging_file=str(bundle / "configs" / "logging.conf"),
         **overrides,
     )
+
+
+def run_workflow(workflow: ConfigWorkflow) -> ConfigWorkflow:
+    """Initialise, run and finalise ``workflow``; returns it so callers can read parsed results.
+
+    Before running, the merged config (files plus overrides) is written to the path in the
+    config's ``executed_config`` so that the MLflow run can keep it as an artifact.
+    """
     workflow.initialize()
     parser = workflow.parser
     if "executed_config" in parser:
@@ -77,3 +88,10 @@ def run_bundle(
     workflow.run()
     workflow.finalize()
     return workflow
+
+
+def run_bundle(
+    configs: Sequence[str], bundle: str | os.PathLike = DEFAULT_BUNDLE, **overrides: Any
+) -> ConfigWorkflow:
+    """Make and run a bundle workflow (``make_workflow`` then ``run_workflow``)."""
+    return run_workflow(make_workflow(configs, bundle, **overrides))

@@ -20,14 +20,14 @@ def reference_kept(p: np.ndarray, quota_pos: int, quota_neg: int, threshold: flo
 
 def kept_sets(result, c: int = 0) -> tuple[set, set]:
     mask = result.mask[:, c]
-    positive = result.labels[:, c] >= result.threshold
+    positive = result.positive[:, c]
     return set(np.flatnonzero(mask & positive).tolist()), set(np.flatnonzero(mask & ~positive).tolist())
 
 
 def test_quotas_follow_labeled_proportions_and_keep_most_confident():
     # two decimals give many ties, which must go to the lower index
     p = np.round(np.random.default_rng(0).random(100), 2)
-    result = balanced_filter(p, positive_fraction=0.2, keep_fraction=0.5)
+    result = balanced_filter(p, positive_fraction=0.2, keep_fraction=0.5, threshold=0.5)
     counts = result.counts["class_0"]
     assert (counts["quota_positive"], counts["quota_negative"]) == (10, 40)
     assert (counts["kept_positive"], counts["kept_negative"]) == (10, 40)
@@ -42,13 +42,30 @@ def test_quotas_follow_labeled_proportions_and_keep_most_confident():
 def test_shortfall_recorded_and_not_refilled(caplog):
     p = np.concatenate([[0.9, 0.8, 0.7], np.linspace(0.0, 0.4, 97)])  # only 3 positive candidates
     with caplog.at_level(logging.WARNING, logger="monai_cxr_ssl"):
-        result = balanced_filter(p, positive_fraction=0.2, keep_fraction=0.5, class_names=["Effusion"])
+        result = balanced_filter(p, positive_fraction=0.2, keep_fraction=0.5, threshold=0.5, class_names=["Effusion"])
     counts = result.counts["Effusion"]
     assert (counts["quota_positive"], counts["kept_positive"], counts["candidates_positive"]) == (10, 3, 3)
     assert counts["kept_negative"] == 40  # the 7 missing positives are not replaced by negatives
     assert result.mask.sum() == 43
     assert len(result.shortfalls) == 1 and "Effusion" in result.shortfalls[0] and "positive" in result.shortfalls[0]
     assert result.shortfalls[0] in caplog.text
+
+
+def test_ranking_only_fills_both_quotas_whatever_the_calibration():
+    # a teacher that puts every image above 0.5: the paper's rule still keeps the lowest as negatives
+    p = np.round(np.random.default_rng(1).uniform(0.6, 1.0, 50), 2)
+    result = balanced_filter(p, positive_fraction=0.3, keep_fraction=0.8)
+    assert result.threshold is None and result.shortfalls == []
+    counts = result.counts["class_0"]
+    assert (counts["kept_positive"], counts["kept_negative"]) == (12, 28)
+    ranked = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    positives, negatives = kept_sets(result)
+    assert positives == set(ranked[:12])
+    assert negatives == set(sorted(set(ranked[12:]), key=lambda i: (p[i], i))[:28])
+    assert min(p[sorted(positives)]) >= max(p[sorted(negatives)])
+    soft = balanced_filter(p, positive_fraction=0.3, keep_fraction=0.8, soft=True)
+    np.testing.assert_array_equal(soft.mask, result.mask)
+    np.testing.assert_allclose(soft.labels[soft.mask], p[soft.mask[:, 0]].astype(np.float32))
 
 
 def test_threshold_moves_candidates():
@@ -128,7 +145,7 @@ def test_filtered_datalist_binary_and_multilabel():
     ]
     multi_items = [{"image": f"/u/{i}.png", "label": [0.0, 0.0], "id": f"{i}.png"} for i in range(4)]
     p = np.array([[0.9, 0.5], [0.6, 0.5], [0.4, 0.5], [0.1, 0.5]])
-    result = balanced_filter(p, [0.5, 0.0], keep_fraction=0.5)  # class 1: no negative candidates
+    result = balanced_filter(p, [0.5, 0.0], keep_fraction=0.5, threshold=0.5)  # class 1: no negative candidates
     out = filtered_datalist(multi_items, result)
     assert [it["id"] for it in out] == ["0.png", "3.png"]
     assert out[0]["label"] == [1.0, 0.0] and out[0]["label_mask"] == [1.0, 0.0]

@@ -9,7 +9,7 @@ from monai_cxr_ssl.data.datasets import (
     find_images,
 )
 from monai_cxr_ssl.data.readers import ImageReadError, LoadCXRImage, LoadCXRImaged, check_image, read_cxr
-from monai_cxr_ssl.data.splits import fingerprint, load_split, make_split, prepare_split
+from monai_cxr_ssl.data.splits import fingerprint, load_split, make_split, prepare_split, subsample
 from monai_cxr_ssl.data.synthetic import make_synthetic_dataset
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "make_synthetic_dataset",
     "prepare_split",
     "read_cxr",
+    "subsample",
 ]

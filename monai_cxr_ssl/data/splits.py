@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from monai_cxr_ssl.utils import read_json, write_json
 
-__all__ = ["fingerprint", "load_split", "make_split", "prepare_split"]
+__all__ = ["fingerprint", "load_split", "make_split", "prepare_split", "subsample"]
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -276,3 +276,16 @@ def prepare_split(
     write_json(split_file, split)
     logger.info("split %s: %s", split_file, ", ".join(f"{k}={v}" for k, v in split["counts"].items()))
     return split
+
+
+def subsample(items: Sequence[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    """At most ``limit`` of ``items``, drawn at random with ``seed`` and kept in their original order.
+
+    Lets benchmarks cap the unlabeled pool that is pseudo-labelled; ``None`` keeps everything.
+    """
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit < 1:
+        raise ValueError(f"max_unlabeled must be a positive number of images or null, got {limit}.")
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
+    return [items[i] for i in keep]

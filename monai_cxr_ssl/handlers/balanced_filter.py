@@ -30,7 +30,7 @@ class BalancedFilter:
         output_file: the filtered datalist (JSON) for the student stage.
         keep_fraction: κ, the share of the unlabeled images kept, in (0, 1].
         soft: keep the probability as the label instead of 0/1.
-        threshold: probability separating positive from negative candidates.
+        threshold: None ranks only (the paper); a probability restricts positives to ≥ it and negatives to < it.
     """
 
     def __init__(
@@ -40,7 +40,7 @@ class BalancedFilter:
         output_file: str | os.PathLike,
         keep_fraction: float = 0.75,
         soft: bool = False,
-        threshold: float = 0.5,
+        threshold: float | None = None,
     ) -> None:
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction (κ) must be in (0, 1], got {keep_fraction}.")

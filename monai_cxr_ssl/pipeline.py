@@ -1,0 +1,356 @@
+"""The teacher-student method as one resumable command, and sweeps of it over λ and seeds.
+
+``Pipeline`` runs the bundle's stages in order: the teacher and its evaluation, then per round the pseudo-label
+stage (with the balanced filter), the student ("intermediate") and its evaluation, the fine-tuned student and its
+evaluation. Each stage is an ordinary bundle workflow, the same configs ``python -m monai.bundle run`` takes, and
+logs its own MLflow run, nested under one parent run per pipeline (and that under one run per sweep).
+
+Skipping and resuming: a stage's key hashes the config items the stage uses (found by following references from
+``initialize``/``run``/``finalize``, leaving out bookkeeping such as the MLflow store or the worker count) and the
+outputs of the stages it reads. A stage whose done-marker holds the same key is skipped; one that was interrupted
+with the same key resumes (training continues from ``last.pt``); otherwise its folder is cleared and it re-runs,
+and the pipeline says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from monai.bundle import ConfigParser
+from monai.bundle.reference_resolver import ReferenceResolver
+
+from monai_cxr_ssl.results import columns, format_table1, table1
+from monai_cxr_ssl.tracking import claim_run, experiment_id, tracking_client
+from monai_cxr_ssl.utils import atomic_write, read_json, write_json
+from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, make_workflow, run_workflow
+
+__all__ = ["STAGE_KINDS", "Pipeline", "Step", "plan", "run_sweep", "split_overrides", "used_config"]
+
+STAGE_KINDS = ("teacher", "pseudo_label", "student", "finetune", "evaluate")
+# Settings that change where or how fast results are made, not the results: they do not re-run stages.
+BOOKKEEPING_IDS = frozenset(
+    {"bundle_root", "tracking_uri", "experiment_name", "run_name", "run_suffix", "executed_config", "device",
+     "num_workers", "cache_rate", "resume"}
+)
+_KIND_OVERRIDE = re.compile(r"(\w+):(?!:)(.+)")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of the pipeline: the named bundle config it runs and the stages whose outputs it reads."""
+
+    name: str
+    config: str  # a ``workflow.NAMED_CONFIGS`` name
+    kind: str  # one of STAGE_KINDS: which ``kind:key=value`` overrides apply
+    stage: str  # the stage folder (and MLflow run-name stem) it writes or evaluates
+    inputs: tuple[str, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)  # ids the pipeline sets: the stages it reads from
+    column: str | None = None  # the Table I column an evaluation fills
+
+
+def plan(rounds: int = 1) -> list[Step]:
+    """The steps of ``rounds`` teacher-student rounds; from round 2 on the previous fine-tuned student is the
+    teacher and stages are suffixed ``_r<N>``."""
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}.")
+    cols = iter(columns(rounds))
+
+    def evaluation(stage: str) -> Step:
+        return Step(f"{stage}/evaluate", "evaluate", "evaluate", stage, (stage,), column=next(cols))
+
+    steps = [Step("teacher", "train", "teacher", "teacher"), evaluation("teacher")]
+    teacher = "teacher"
+    for r in range(1, rounds + 1):
+        suffix = "" if r == 1 else f"_r{r}"
+        pseudo, student, finetune = f"pseudo_label{suffix}", f"student{suffix}", f"finetune{suffix}"
+        steps += [
+            Step(pseudo, "pseudo_label", "pseudo_label", pseudo, (teacher,), {"teacher_stage": teacher}),
+            Step(student, "student", "student", student, (pseudo,), {"pseudo_label_stage": pseudo}),
+            evaluation(student),
+            Step(finetune, "finetune", "finetune", finetune, (student,), {"init_stage": student}),
+            evaluation(finetune),
+        ]
+        teacher = finetune
+    return steps
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Separate overrides for every stage (``key``) from those for one kind of stage (``student:key``)."""
+    common: dict[str, Any] = {}
+    per_kind: dict[str, dict[str, Any]] = {kind: {} for kind in STAGE_KINDS}
+    for key, value in overrides.items():
+        match = _KIND_OVERRIDE.fullmatch(key)
+        if match is None:
+            common[key] = value
+        elif match[1] in per_kind:
+            per_kind[match[1]][match[2]] = value
+        else:
+            raise ValueError(f"override {key!r}: unknown stage {match[1]!r}; stage prefixes are {list(STAGE_KINDS)}.")
+    return common, per_kind
+
+
+def used_config(parser: ConfigParser, roots: Sequence[str] = ("initialize", "run", "finalize")) -> dict[str, Any]:
+    """The raw config items a workflow uses: those reachable by reference from ``roots``, minus bookkeeping ids.
+
+    Settings a stage never reads (another stage's κ, a pipeline option) are not in it, so changing them does not
+    re-run the stage. Returned JSON-normalised, ids sorted.
+    """
+    used: dict[str, Any] = {}
+    todo = [r for r in roots if r in parser]
+    while todo:
+        id_ = todo.pop()
+        if id_ in used or id_ in BOOKKEEPING_IDS or id_ not in parser:
+            continue
+        used[id_] = parser[id_]
+        todo += ReferenceResolver.find_refs_in_config(parser[id_], id_)
+    return json.loads(json.dumps(dict(sorted(used.items())), default=str))
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _why(previous: dict, used: dict, inputs: dict[str, str]) -> str:
+    """Which settings and inputs differ from a stage's previous run, most specific ids only."""
+    old = previous["config"]
+    changed = sorted(k for k in old.keys() | used.keys() if old.get(k) != used.get(k))
+    changed = [k for k in changed if not any(o.startswith(k + "::") for o in changed)]
+    remade = [name for name in inputs if previous["inputs"].get(name) != inputs[name]]
+    reasons = []
+    if changed:
+        reasons.append("settings changed: " + ", ".join(k.replace("::", "#") for k in changed))
+    if remade:
+        reasons.append("input re-made: " + ", ".join(remade))
+    return "; ".join(reasons) or "the stage's config files changed"
+
+
+def _clear(stage_dir: Path, keep: str) -> None:
+    """Empty a stage folder before its stage re-runs (stale checkpoints such as ``last.pt`` must not be resumed),
+    keeping the marker ``keep`` of the evaluation that lives there so that it can say why it re-runs too."""
+    if stage_dir.is_dir():
+        for path in stage_dir.iterdir():
+            if path.name == keep:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _marker(path: Path) -> dict | None:
+    return read_json(path, "pipeline marker", "delete it to re-run the stage") if path.is_file() else None
+
+
+class Pipeline:
+    """Teacher → pseudo-label (+ balanced filter) → student → fine-tune, evaluated after each model, resumable.
+
+    Args:
+        overlays: config overlays (``configs/`` names or files) applied to every stage.
+        overrides: ``key: value`` for every stage, ``"<kind>:key": value`` for one kind of stage (kinds:
+            ``STAGE_KINDS``). ``rounds`` (default 1) sets the number of teacher-student rounds.
+        bundle: the bundle folder.
+        parent_run_id: an MLflow run (a sweep's) to nest this pipeline's run under.
+        echo: where progress lines go.
+    """
+
+    def __init__(
+        self,
+        overlays: Sequence[str] = (),
+        overrides: dict[str, Any] | None = None,
+        bundle: str | Path = DEFAULT_BUNDLE,
+        parent_run_id: str | None = None,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        self.overlays = list(overlays)
+        self.common, self.per_kind = split_overrides(dict(overrides or {}))
+        self.bundle = bundle
+        self.sweep_run_id = parent_run_id
+        self.echo = echo
+        parser = make_workflow(["train", *self.overlays], bundle, **self.common).parser
+        self.rounds = parser.get("rounds", 1)
+        self.steps = plan(self.rounds)
+        self.output_dir = Path(parser.get_parsed_content("output_dir"))
+        self.split_file = Path(parser.get_parsed_content("split_file"))
+        self.labeled_fraction = parser.get_parsed_content("labeled_fraction")
+        self.seed = parser.get_parsed_content("seed")
+        self.tracking_uri = parser.get_parsed_content("tracking_uri")
+        self.experiment_name = parser.get_parsed_content("experiment_name")
+        self.run_name = "pipeline" + parser.get_parsed_content("run_suffix")
+
+    def _overrides(self, step: Step) -> dict[str, Any]:
+        return {**self.common, **self.per_kind[step.kind], **step.settings, "stage": step.stage}
+
+    def run(self) -> dict:
+        """Run (or resume) every step; returns the results (``labeled_fraction``, ``seed``, ``auroc`` per column)."""
+        client = tracking_client(self.tracking_uri)
+        experiment = experiment_id(client, self.experiment_name)
+        parent = self._parent_run(client, experiment)
+        self.echo(f"pipeline {self.run_name}: {len(self.steps)} steps in {self.rounds} round(s) -> {self.output_dir}")
+        outputs: dict[str, dict] = {}
+        try:
+            for index, step in enumerate(self.steps, 1):
+                if step.kind == "pseudo_label" and not self._num_unlabeled():
+                    self.echo(
+                        f"the unlabeled split is empty (labeled_fraction={self.labeled_fraction}): there is nothing "
+                        "to pseudo-label, so the pipeline stops after the (fully supervised) teacher."
+                    )
+                    break
+                outputs[step.name] = self._run_step(f"[{index}/{len(self.steps)}] {step.name}", step, outputs, client,
+                                                    experiment, parent)
+        except BaseException:
+            client.set_terminated(parent, "FAILED")
+            raise
+        return self._finish(client, parent, outputs)
+
+    def _num_unlabeled(self) -> int:
+        split = read_json(self.split_file, "split file", "run the teacher stage first")
+        return split["counts"]["unlabeled"]
+
+    def _parent_run(self, client: mlflow.MlflowClient, experiment: str) -> str:
+        """The pipeline's MLflow run: the one recorded in ``output_dir`` if the store still has it, else a new one."""
+        state_file = self.output_dir / "pipeline_run.json"
+        run_id = None
+        if state_file.is_file():
+            run_id = read_json(state_file, "pipeline state", "delete it to start a new MLflow parent run")["run_id"]
+            try:
+                if client.get_run(run_id).info.lifecycle_stage != "active":
+                    run_id = None
+            except mlflow.exceptions.MlflowException:
+                run_id = None
+        if run_id is None:
+            run_id = client.create_run(experiment, run_name=self.run_name).info.run_id
+            client.log_param(run_id, "labeled_fraction", self.labeled_fraction)
+            client.log_param(run_id, "seed", self.seed)
+            write_json(state_file, {"run_id": run_id})
+        else:
+            client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "rounds", str(self.rounds))
+        client.set_tag(run_id, "overlays", json.dumps(self.overlays))
+        client.set_tag(run_id, "overrides", json.dumps({**self.common, **{
+            f"{kind}:{k}": v for kind, values in self.per_kind.items() for k, v in values.items()}}, default=str))
+        if self.sweep_run_id:
+            client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, self.sweep_run_id)
+        return run_id
+
+    def _run_step(
+        self, label: str, step: Step, outputs: dict[str, dict], client: mlflow.MlflowClient, experiment: str,
+        parent: str,
+    ) -> dict:
+        workflow = make_workflow([step.config, *self.overlays], self.bundle, **self._overrides(step))
+        parser = workflow.parser
+        used = used_config(parser)
+        inputs = {name: outputs[name]["output"] for name in step.inputs}
+        key = _digest({"config": used, "inputs": inputs})
+        stage_dir = Path(parser.get_parsed_content("stage_dir"))
+        done_file, started_file = stage_dir / f".{step.config}.done.json", stage_dir / f".{step.config}.started.json"
+        done, started = _marker(done_file), _marker(started_file)
+        if done is not None and done["key"] == key:
+            self.echo(f"{label}: done earlier with the same settings and inputs; skipped")
+            client.set_tag(done["run_id"], MLFLOW_PARENT_RUN_ID, parent)
+            return done
+        resume = done is None and started is not None and started["key"] == key
+        if resume:
+            self.echo(f"{label}: resuming an interrupted run with the same settings and inputs")
+        elif done is not None or started is not None:
+            self.echo(f"{label}: re-running ({_why(done or started, used, inputs)})")
+        elif step.config != "evaluate" and stage_dir.exists():
+            self.echo(f"{label}: {stage_dir} holds outputs the pipeline did not record; starting the stage over")
+        else:
+            self.echo(f"{label}: running")
+        if not resume and step.config != "evaluate":
+            _clear(stage_dir, keep=done_file.name.replace(step.config, "evaluate"))
+        run_id = claim_run(client, experiment, parser.get_parsed_content("run_name"), parent, resume)
+        record = {"key": key, "step": step.name, "config": used, "inputs": inputs, "run_id": run_id}
+        write_json(started_file, record)
+        run_workflow(workflow)
+        record["output"] = uuid.uuid4().hex  # identifies this result: stages reading it re-run when it is re-made
+        if step.column:
+            split = parser.get_parsed_content("eval_split")
+            metrics = read_json(stage_dir / f"{split}_metrics.json", "evaluation report", "re-run the evaluation")
+            record["mean_auroc"] = metrics["mean_auroc"]
+        write_json(done_file, record)
+        started_file.unlink()
+        return record
+
+    def _finish(self, client: mlflow.MlflowClient, parent: str, outputs: dict[str, dict]) -> dict:
+        """Write ``results.json`` and ``table1.md``, log them and the AUROCs to the parent run, print the table."""
+        ran = [step for step in self.steps if step.name in outputs]
+        auroc = {step.column: outputs[step.name]["mean_auroc"] for step in ran if step.column}
+        results = {
+            "labeled_fraction": self.labeled_fraction,
+            "seed": self.seed,
+            "rounds": self.rounds,
+            "auroc": {col: auroc.get(col) for col in columns(self.rounds)},
+            "runs": {step.name: outputs[step.name]["run_id"] for step in ran},
+        }
+        table = format_table1(table1([results]))
+        write_json(self.output_dir / "results.json", results)
+        with atomic_write(self.output_dir / "table1.md") as f:
+            f.write(table)
+        for col, value in auroc.items():
+            client.log_metric(parent, "test_auroc_" + col.replace(" ", "_"), value)
+        client.log_artifact(parent, str(self.output_dir / "results.json"))
+        client.log_artifact(parent, str(self.output_dir / "table1.md"))
+        client.set_terminated(parent, "FINISHED")
+        self.echo(f"\nTable I (test AUROC, ten-crop TTA) for {self.run_name}:\n{table}")
+        return results
+
+
+def run_sweep(
+    overlays: Sequence[str],
+    overrides: dict[str, Any],
+    labeled_fractions: Sequence[float],
+    seeds: Sequence[int] = (0,),
+    bundle: str | Path = DEFAULT_BUNDLE,
+    echo: Callable[[str], None] = print,
+) -> list[dict]:
+    """Run the pipeline for every λ × seed, each in ``<output_dir>/lambda<λ>-seed<s>``, under one MLflow sweep run,
+    then print and log Table I with mean ± std over seeds (``<output_dir>/table1.md``, ``table1.json``)."""
+    if not labeled_fractions or not seeds:
+        raise ValueError("a sweep needs at least one labeled fraction and one seed.")
+    common, _ = split_overrides(dict(overrides))
+    parser = make_workflow(["train", *overlays], bundle, **common).parser
+    base = Path(parser.get_parsed_content("output_dir"))
+    client = tracking_client(parser.get_parsed_content("tracking_uri"))
+    experiment = experiment_id(client, parser.get_parsed_content("experiment_name"))
+    state_file = base / "sweep_run.json"
+    if state_file.is_file():
+        sweep = read_json(state_file, "sweep state", "delete it to start a new MLflow sweep run")["run_id"]
+        client.update_run(sweep, status="RUNNING")
+    else:
+        sweep = client.create_run(experiment, run_name=f"sweep-{base.name}").info.run_id
+        write_json(state_file, {"run_id": sweep})
+    client.set_tag(sweep, "labeled_fractions", json.dumps(list(labeled_fractions)))
+    client.set_tag(sweep, "seeds", json.dumps(list(seeds)))
+    results = []
+    try:
+        for fraction in labeled_fractions:
+            for seed in seeds:
+                run_overrides = {
+                    **overrides, "labeled_fraction": fraction, "seed": seed,
+                    "output_dir": str(base / f"lambda{fraction}-seed{seed}"),
+                }
+                results.append(Pipeline(overlays, run_overrides, bundle, parent_run_id=sweep, echo=echo).run())
+    except BaseException:
+        client.set_terminated(sweep, "FAILED")
+        raise
+    rows = table1(results)
+    table = format_table1(rows)
+    write_json(base / "table1.json", {"rows": rows, "results": results})
+    with atomic_write(base / "table1.md") as f:
+        f.write(table)
+    client.log_artifact(sweep, str(base / "table1.md"))
+    client.log_artifact(sweep, str(base / "table1.json"))
+    client.set_terminated(sweep, "FINISHED")
+    echo(f"\nTable I (test AUROC, ten-crop TTA; mean ± std over seeds {list(seeds)}):\n{table}")
+    return results

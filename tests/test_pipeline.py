@@ -1,0 +1,201 @@
+"""The one-command pipeline: plan, overrides, stage keys, Table I, and end-to-end runs through the console script
+(killed with SIGKILL and resumed, re-run with a changed setting, a λ × seed sweep with an empty unlabeled split)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from monai_cxr_ssl.pipeline import plan, split_overrides, used_config
+from monai_cxr_ssl.results import format_table1, table1
+from monai_cxr_ssl.workflow import make_workflow
+
+SUFFIX = "-lambda0.4-seed0"
+
+
+def test_plan_chains_rounds():
+    steps = {s.name: s for s in plan(2)}
+    assert list(steps) == [
+        "teacher", "teacher/evaluate",
+        "pseudo_label", "student", "student/evaluate", "finetune", "finetune/evaluate",
+        "pseudo_label_r2", "student_r2", "student_r2/evaluate", "finetune_r2", "finetune_r2/evaluate",
+    ]
+    assert steps["pseudo_label_r2"].settings == {"teacher_stage": "finetune"}
+    assert steps["pseudo_label_r2"].inputs == ("finetune",)
+    assert steps["finetune_r2"].settings == {"init_stage": "student_r2"}
+    columns = [s.column for s in steps.values() if s.column]
+    assert columns == ["teacher", "intermediate", "student", "intermediate r2", "student r2"]
+    with pytest.raises(ValueError, match="rounds"):
+        plan(0)
+
+
+def test_split_overrides():
+    common, per_kind = split_overrides({"num_epochs": 2, "student:num_epochs": 3, "train::trainer#max_epochs": 1})
+    assert common == {"num_epochs": 2, "train::trainer#max_epochs": 1}
+    assert per_kind["student"] == {"num_epochs": 3} and per_kind["teacher"] == {}
+    with pytest.raises(ValueError, match="unknown stage 'studnet'"):
+        split_overrides({"studnet:num_epochs": 3})
+
+
+def test_stage_keys_cover_only_the_settings_a_stage_uses():
+    teacher = used_config(make_workflow(["train"], keep_fraction=0.5, num_workers=3).parser)
+    pseudo = used_config(make_workflow(["pseudo_label"], keep_fraction=0.5).parser)
+    assert "num_epochs" in teacher and "labeled_fraction" in teacher and "datasource" in teacher
+    assert "keep_fraction" not in teacher and "num_workers" not in teacher and "tracking_uri" not in teacher
+    assert pseudo["keep_fraction"] == 0.5 and "max_unlabeled" in pseudo
+    student = used_config(make_workflow(["student"], student_epochs=7).parser)
+    assert student["student_epochs"] == 7
+
+
+def test_table1_mean_and_std_over_seeds():
+    results = [
+        {"labeled_fraction": 0.05, "seed": 0, "auroc": {"teacher": 0.70, "intermediate": 0.72, "student": 0.80}},
+        {"labeled_fraction": 0.05, "seed": 1, "auroc": {"teacher": 0.74, "intermediate": 0.76, "student": 0.82}},
+        {"labeled_fraction": 1.0, "seed": 0, "auroc": {"teacher": 0.9, "intermediate": None, "student": None}},
+    ]
+    rows = table1(results)
+    assert [r["labeled_fraction"] for r in rows] == [0.05, 1.0]
+    assert rows[0]["teacher"] == pytest.approx((0.72, 0.0282842712))
+    assert rows[1]["student"] is None and rows[1]["teacher"] == (0.9, 0.0)
+    text = format_table1(rows)
+    assert "| 5% | 0,1 | 0.720 ± 0.028 | 0.740 ± 0.028 | 0.810 ± 0.014 |" in text
+    assert "| 100% (supervised) | 0 | 0.900 | - | - |" in text
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from monai_cxr_ssl.data import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("pipeline")
+    data = make_synthetic_dataset(root / "data", n_train=80, n_test=30, image_size=48, prevalence=0.4, seed=2)
+    settings = {
+        "dataset_dir": data, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment_name": "pipeline",
+        "image_size": 40, "crop_size": 32, "batch_size": 8, "labeled_fraction": 0.4, "num_workers": 0,
+        "num_epochs": 1,
+    }
+    return root, settings
+
+
+def _command(command: str, settings: dict, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "monai_cxr_ssl.cli", command, "demo", *extra, "--set",
+            *(f"{k}={v}" for k, v in settings.items())]
+
+
+def _pipeline(settings: dict, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command("pipeline", settings), cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def _lines(output: str) -> dict[str, str]:
+    """Step name -> what the pipeline said about it (``[3/12] student: skipped...``)."""
+    steps = {}
+    for line in output.splitlines():
+        if line.startswith("[") and "] " in line:
+            name, _, said = line.split("] ", 1)[1].partition(": ")
+            steps[name] = said
+    return steps
+
+
+@pytest.mark.slow
+def test_pipeline_killed_and_resumed_then_rerun_with_a_changed_setting(tiny):
+    root, settings = tiny
+    out = root / "out"
+    settings = {**settings, "output_dir": out, "rounds": 2, "student:num_epochs": 3}
+    proc = subprocess.Popen(_command("pipeline", settings), cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # Kill it in the middle of the student's training: the teacher and pseudo-label stages are finished by then.
+    deadline = time.monotonic() + 600
+    while not (out / "student" / "models" / "last.pt").exists():
+        assert proc.poll() is None, "the pipeline ended before the student trained"
+        assert time.monotonic() < deadline, "the student did not start in time"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "student" / ".student.done.json").exists()
+    teacher_marker = (out / "teacher" / ".train.done.json").read_bytes()
+    teacher_model = (out / "teacher" / "models" / "model.pt").stat().st_mtime_ns
+    pseudo_labels = (out / "pseudo_label" / "pseudo_labels.jsonl").stat().st_mtime_ns
+
+    said = _lines(_pipeline(settings, root).stdout)
+    for name in ("teacher", "teacher/evaluate", "pseudo_label"):
+        assert said[name].startswith("done earlier"), (name, said[name])
+    assert said["student"].startswith("resuming an interrupted run")
+    for name in ("student/evaluate", "finetune", "pseudo_label_r2", "student_r2", "finetune_r2/evaluate"):
+        assert said[name] == "running", (name, said[name])
+    assert (out / "teacher" / ".train.done.json").read_bytes() == teacher_marker
+    assert (out / "teacher" / "models" / "model.pt").stat().st_mtime_ns == teacher_model
+    assert (out / "pseudo_label" / "pseudo_labels.jsonl").stat().st_mtime_ns == pseudo_labels
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["auroc"]) == {"teacher", "intermediate", "student", "intermediate r2", "student r2"}
+    assert all(0.0 <= v <= 1.0 for v in results["auroc"].values())
+    # round 2 learns from the fine-tuned student of round 1
+    header = json.loads((out / "pseudo_label_r2" / "pseudo_labels.jsonl").read_text().splitlines()[0])
+    assert header["teacher_checkpoint"].endswith("finetune/models/model.pt")
+    assert "| 40% | 0 |" in (out / "table1.md").read_text()
+
+    # MLflow: one parent run, a nested run per stage, the table as an artifact
+    client = mlflow.MlflowClient(tracking_uri=settings["tracking_uri"])
+    experiment = client.get_experiment_by_name("pipeline").experiment_id
+    runs = client.search_runs([experiment], filter_string=f"attributes.run_name LIKE '%{SUFFIX}%'")
+    by_name = {}
+    for run in runs:
+        by_name.setdefault(run.info.run_name, []).append(run)
+    parent = by_name[f"pipeline{SUFFIX}"][0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["test_auroc_student_r2"] == pytest.approx(results["auroc"]["student r2"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"table1.md", "results.json"}
+    stages = {n: r for n, r in by_name.items() if not n.startswith("pipeline")}
+    assert len(stages) == 12
+    assert len(by_name[f"student{SUFFIX}"]) == 1  # the killed student run was continued, not duplicated
+    for name, group in stages.items():
+        assert group[0].data.tags.get("mlflow.parentRunId") == parent.info.run_id, name
+        assert group[0].info.status == "FINISHED", name
+
+    # Unchanged: nothing runs. A fine-tune setting: only the fine-tunes and what reads them re-run, and it says why.
+    said = _lines(_pipeline(settings, root).stdout)
+    assert all(v.startswith("done earlier") for v in said.values()) and len(said) == 12
+    said = _lines(_pipeline({**settings, "finetune:num_epochs": 2}, root).stdout)
+    for name in ("teacher", "pseudo_label", "student", "student/evaluate"):
+        assert said[name].startswith("done earlier"), (name, said[name])
+    assert said["finetune"] == "re-running (settings changed: num_epochs)"
+    assert said["finetune/evaluate"] == "re-running (input re-made: finetune)"
+    assert said["pseudo_label_r2"] == "re-running (input re-made: finetune)"
+    assert said["finetune_r2"] == "re-running (settings changed: num_epochs; input re-made: student_r2)"
+
+
+@pytest.mark.slow
+def test_sweep_over_seeds_with_an_empty_unlabeled_split(tiny):
+    root, settings = tiny
+    settings = {**settings, "output_dir": root / "sweep"}
+    done = subprocess.run(_command("sweep", settings, "--lambdas", "1.0", "--seeds", "0", "1"), cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.count("the unlabeled split is empty (labeled_fraction=1.0)") == 2
+    assert "| 100% (supervised) | 0,1 | " in done.stdout and "| - | - |" in done.stdout
+    table = json.loads((root / "sweep" / "table1.json").read_text())
+    assert [r["seed"] for r in table["results"]] == [0, 1]
+    assert all(r["auroc"]["intermediate"] is None for r in table["results"])
+
+    client = mlflow.MlflowClient(tracking_uri=settings["tracking_uri"])
+    experiment = client.get_experiment_by_name("pipeline").experiment_id
+    sweep = client.search_runs([experiment], filter_string="attributes.run_name = 'sweep-sweep'")[0]
+    assert "table1.md" in {a.path for a in client.list_artifacts(sweep.info.run_id)}
+    pipelines = client.search_runs(
+        [experiment], filter_string=f"tags.mlflow.parentRunId = '{sweep.info.run_id}'"
+    )
+    assert sorted(r.info.run_name for r in pipelines) == ["pipeline-lambda1.0-seed0", "pipeline-lambda1.0-seed1"]
+    for pipeline in pipelines:
+        children = client.search_runs(
+            [experiment], filter_string=f"tags.mlflow.parentRunId = '{pipeline.info.run_id}'"
+        )
+        assert sorted(r.info.run_name.split("-")[0] for r in children) == ["teacher", "teacher"]
