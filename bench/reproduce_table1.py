@@ -93,7 +93,7 @@ def main() -> None:
     tracking_uri = path_to_sqlite_uri(str(output_dir / "mlflow.db"))
     overrides = {
         "dataset_dir": args.data, "output_dir": str(output_dir), "tracking_uri": tracking_uri,
-        "image_size": args.image_size, "crop_size": args.crop_size, "num_epochs": args.teacher_epochs,
+        "image_size": args.image_size, "crop_size": args.crop_size, "teacher:num_epochs": args.teacher_epochs,
         "student_epochs": args.student_epochs, "finetune_epochs": args.finetune_epochs,
         "max_unlabeled": args.max_unlabeled or None,
     }

@@ -1,4 +1,4 @@
-"""Losses for training on partial labels."""
+"""Losses for training on partial labels and for distillation from a teacher's soft targets."""
 
 from __future__ import annotations
 
@@ -21,3 +21,19 @@ class MaskedBCEWithLogitsLoss(torch.nn.Module):
         if not kept.any():
             return logits.sum() * 0.0  # keeps the graph; nothing to learn from this batch
         return F.binary_cross_entropy_with_logits(logits[kept], target[kept])
+
+
+class BernoulliKLDivLoss(torch.nn.Module):
+    """KL(target ‖ student) between independent Bernoulli distributions, one per sigmoid output.
+
+    The mean-teacher consistency term with AALS: ``target`` holds the teacher's (sharpened) probabilities,
+    ``logits`` the student's. Summed over classes, averaged over the batch; computed from log-sigmoids so
+    that confident students do not overflow, with ``0·log 0 = 0`` for targets at exactly 0 or 1.
+    """
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(logits.dtype)
+        log_q, log_not_q = F.logsigmoid(logits), F.logsigmoid(-logits)
+        entropy_terms = torch.xlogy(target, target) + torch.xlogy(1 - target, 1 - target)
+        kl = entropy_terms - target * log_q - (1 - target) * log_not_q
+        return kl.reshape(len(kl), -1).sum(dim=1).mean()

@@ -51,7 +51,7 @@ class Step:
 
     name: str
     config: str  # a ``workflow.NAMED_CONFIGS`` name
-    kind: str  # one of STAGE_KINDS: which ``kind:key=value`` overrides apply
+    kinds: tuple[str, ...]  # from STAGE_KINDS: whose ``kind:key=value`` overrides apply, in this order
     stage: str  # the stage folder (and MLflow run-name stem) it writes or evaluates
     inputs: tuple[str, ...] = ()
     settings: dict[str, Any] = field(default_factory=dict)  # ids the pipeline sets: the stages it reads from
@@ -65,20 +65,21 @@ def plan(rounds: int = 1) -> list[Step]:
         raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}.")
     cols = iter(columns(rounds))
 
-    def evaluation(stage: str) -> Step:
-        return Step(f"{stage}/evaluate", "evaluate", "evaluate", stage, (stage,), column=next(cols))
+    def evaluation(stage: str, kind: str) -> Step:
+        # the evaluated model's settings apply too: its evaluation run logs that model's hyperparameters
+        return Step(f"{stage}/evaluate", "evaluate", (kind, "evaluate"), stage, (stage,), column=next(cols))
 
-    steps = [Step("teacher", "train", "teacher", "teacher"), evaluation("teacher")]
+    steps = [Step("teacher", "train", ("teacher",), "teacher"), evaluation("teacher", "teacher")]
     teacher = "teacher"
     for r in range(1, rounds + 1):
         suffix = "" if r == 1 else f"_r{r}"
         pseudo, student, finetune = f"pseudo_label{suffix}", f"student{suffix}", f"finetune{suffix}"
         steps += [
-            Step(pseudo, "pseudo_label", "pseudo_label", pseudo, (teacher,), {"teacher_stage": teacher}),
-            Step(student, "student", "student", student, (pseudo,), {"pseudo_label_stage": pseudo}),
-            evaluation(student),
-            Step(finetune, "finetune", "finetune", finetune, (student,), {"init_stage": student}),
-            evaluation(finetune),
+            Step(pseudo, "pseudo_label", ("pseudo_label",), pseudo, (teacher,), {"teacher_stage": teacher}),
+            Step(student, "student", ("student",), student, (pseudo,), {"pseudo_label_stage": pseudo}),
+            evaluation(student, "student"),
+            Step(finetune, "finetune", ("finetune",), finetune, (student,), {"init_stage": student}),
+            evaluation(finetune, "finetune"),
         ]
         teacher = finetune
     return steps
@@ -188,7 +189,8 @@ class Pipeline:
         self.run_name = "pipeline" + parser.get_parsed_content("run_suffix")
 
     def _overrides(self, step: Step) -> dict[str, Any]:
-        return {**self.common, **self.per_kind[step.kind], **step.settings, "stage": step.stage}
+        per_kind = {k: v for kind in step.kinds for k, v in self.per_kind[kind].items()}
+        return {**self.common, **per_kind, **step.settings, "stage": step.stage}
 
     def run(self) -> dict:
         """Run (or resume) every step; returns the results (``labeled_fraction``, ``seed``, ``auroc`` per column)."""
@@ -199,7 +201,7 @@ class Pipeline:
         outputs: dict[str, dict] = {}
         try:
             for index, step in enumerate(self.steps, 1):
-                if step.kind == "pseudo_label" and not self._num_unlabeled():
+                if step.config == "pseudo_label" and not self._num_unlabeled():
                     self.echo(
                         f"the unlabeled split is empty (labeled_fraction={self.labeled_fraction}): there is nothing "
                         "to pseudo-label, so the pipeline stops after the (fully supervised) teacher."
@@ -256,7 +258,10 @@ class Pipeline:
         done, started = _marker(done_file), _marker(started_file)
         if done is not None and done["key"] == key:
             self.echo(f"{label}: done earlier with the same settings and inputs; skipped")
-            client.set_tag(done["run_id"], MLFLOW_PARENT_RUN_ID, parent)
+            try:
+                client.set_tag(done["run_id"], MLFLOW_PARENT_RUN_ID, parent)
+            except mlflow.exceptions.MlflowException:
+                self.echo(f"{label}: its MLflow run {done['run_id']} is no longer in the store")
             return done
         resume = done is None and started is not None and started["key"] == key
         if resume:

@@ -50,6 +50,28 @@ def test_filter_handler_writes_balanced_datalist(tmp_path):
     assert metrics["filter_flip_rate_Effusion"] == pytest.approx(0.5)
 
 
+def test_aals_sharpening_gives_sharpened_soft_labels(tmp_path):
+    from monai_cxr_ssl.sharpening import aals
+
+    split = _split(20)
+    probs = np.linspace(0.01, 0.99, 20).astype(np.float32)
+    _pseudo_labels(tmp_path / "pl.jsonl", split, probs, tmp_path)
+    handler = BalancedFilter(tmp_path / "pl.jsonl", split, tmp_path / "filtered.json", keep_fraction=1.0,
+                             sharpening="aals", aals_t=0.4, aals_a0=4.0)
+    engine = Engine(lambda e, b: None)
+    handler.attach(engine)
+    engine.run([0])
+    items = {it["id"]: it["label"][0] for it in load_filtered_datalist(tmp_path / "filtered.json", split)}
+    expected = aals(torch.from_numpy(probs)).numpy()
+    assert items == pytest.approx({f"u{i}": float(expected[i]) for i in range(20)})
+    assert items["u0"] == pytest.approx(0.01, abs=1e-6) and items["u10"] > probs[10]  # low kept, above t raised
+    assert engine.state.metrics["aals_raised_fraction"] == pytest.approx(float((probs > 0.4).mean()))
+    with pytest.raises(ValueError, match="a0 must be >= 1"):
+        BalancedFilter(tmp_path / "pl.jsonl", split, tmp_path / "f.json", sharpening="aals", aals_a0=0.5)
+    with pytest.raises(ValueError, match="sharpening must be one of"):
+        BalancedFilter(tmp_path / "pl.jsonl", split, tmp_path / "f.json", sharpening="mixup")
+
+
 def test_filtered_datalist_refuses_another_split(tmp_path):
     split = _split(6)
     _pseudo_labels(tmp_path / "pl.jsonl", split, np.full(6, 0.5), tmp_path)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_cxr_ssl.losses import MaskedBCEWithLogitsLoss
+from monai_cxr_ssl.losses import BernoulliKLDivLoss, MaskedBCEWithLogitsLoss
 
 
 def test_equals_bce_without_nan():
@@ -29,3 +30,22 @@ def test_all_nan_gives_zero_loss_with_a_graph():
     loss = MaskedBCEWithLogitsLoss()(logits, torch.full((2, 2), float("nan")))
     loss.backward()
     assert loss.item() == 0.0 and (logits.grad == 0).all()
+
+
+def test_bernoulli_kl_matches_torch_distributions():
+    logits, target = torch.randn(5, 3, dtype=torch.float64), torch.rand(5, 3, dtype=torch.float64)
+    target[0, 0], target[1, 1] = 0.0, 1.0
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Bernoulli(probs=target), torch.distributions.Bernoulli(logits=logits)
+    ).sum(dim=1).mean()
+    torch.testing.assert_close(BernoulliKLDivLoss()(logits, target), expected)
+
+
+def test_bernoulli_kl_is_zero_at_the_target_and_finite_for_confident_students():
+    target = torch.tensor([[0.2, 0.9]], dtype=torch.float64)
+    assert BernoulliKLDivLoss()(torch.logit(target), target).item() == pytest.approx(0.0, abs=1e-12)
+    logits = torch.tensor([[80.0, -80.0]], requires_grad=True)
+    loss = BernoulliKLDivLoss()(logits, torch.tensor([[0.0, 1.0]]))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(160.0, rel=1e-6)
+    assert torch.isfinite(logits.grad).all()

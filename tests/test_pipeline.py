@@ -31,6 +31,7 @@ def test_plan_chains_rounds():
     assert steps["pseudo_label_r2"].settings == {"teacher_stage": "finetune"}
     assert steps["pseudo_label_r2"].inputs == ("finetune",)
     assert steps["finetune_r2"].settings == {"init_stage": "student_r2"}
+    assert steps["student_r2/evaluate"].kinds == ("student", "evaluate")
     columns = [s.column for s in steps.values() if s.column]
     assert columns == ["teacher", "intermediate", "student", "intermediate r2", "student r2"]
     with pytest.raises(ValueError, match="rounds"):
@@ -168,7 +169,7 @@ def test_pipeline_killed_and_resumed_then_rerun_with_a_changed_setting(tiny):
     for name in ("teacher", "pseudo_label", "student", "student/evaluate"):
         assert said[name].startswith("done earlier"), (name, said[name])
     assert said["finetune"] == "re-running (settings changed: num_epochs)"
-    assert said["finetune/evaluate"] == "re-running (input re-made: finetune)"
+    assert said["finetune/evaluate"] == "re-running (settings changed: num_epochs; input re-made: finetune)"
     assert said["pseudo_label_r2"] == "re-running (input re-made: finetune)"
     assert said["finetune_r2"] == "re-running (settings changed: num_epochs; input re-made: student_r2)"
 

@@ -6,10 +6,14 @@ import logging
 import os
 
 import numpy as np
+import torch
 from ignite.engine import Engine, Events
 
 from monai_cxr_ssl.filtering import balanced_filter, class_proportions, filtered_datalist, flip_rate
 from monai_cxr_ssl.pseudo_labels import file_sha256, read_pseudo_labels, write_filtered_datalist
+from monai_cxr_ssl.sharpening import aals
+
+SHARPENINGS = (None, "aals")
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -21,7 +25,8 @@ class BalancedFilter:
     Attach it to the pseudo-label evaluator after ``PseudoLabelWriter`` (it reads that handler's file at
     ``EPOCH_COMPLETED``) and before ``MLFlowHandler``: it adds ``filter_kept`` and, per class,
     ``filter_kept_positive_<c>`` / ``filter_kept_negative_<c>`` (and ``filter_flip_rate_<c>`` when the file holds
-    the true labels) to ``engine.state.metrics``.
+    the true labels) to ``engine.state.metrics``; with ``sharpening="aals"`` also ``aals_raised_fraction``, the
+    share of kept pseudo-labels that sharpening raised.
 
     Args:
         pseudo_label_file: the file ``PseudoLabelWriter`` writes.
@@ -31,6 +36,10 @@ class BalancedFilter:
         keep_fraction: κ, the share of the unlabeled images kept, in (0, 1].
         soft: keep the probability as the label instead of 0/1.
         threshold: None ranks only (the paper); a probability restricts positives to ≥ it and negatives to < it.
+        sharpening: None, or ``"aals"`` to give the kept images the AALS-sharpened probability
+            (``monai_cxr_ssl.sharpening.aals``) as a soft label instead of 0/1 or the raw probability.
+        aals_t: AALS centre t, in (0, 1).
+        aals_a0: AALS strength a0, >= 1.
     """
 
     def __init__(
@@ -41,15 +50,25 @@ class BalancedFilter:
         keep_fraction: float = 0.75,
         soft: bool = False,
         threshold: float | None = None,
+        sharpening: str | None = None,
+        aals_t: float = 0.4,
+        aals_a0: float = 4.0,
     ) -> None:
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction (κ) must be in (0, 1], got {keep_fraction}.")
+        if sharpening not in SHARPENINGS:
+            raise ValueError(f"sharpening must be one of {SHARPENINGS}, got {sharpening!r}.")
+        if sharpening == "aals":
+            aals(torch.zeros(1), aals_t, aals_a0)  # checks t and a0 now rather than after pseudo-labelling
         self.pseudo_label_file = pseudo_label_file
         self.split = split
         self.output_file = output_file
         self.keep_fraction = keep_fraction
         self.soft = soft
         self.threshold = threshold
+        self.sharpening = sharpening
+        self.aals_t = aals_t
+        self.aals_a0 = aals_a0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -64,6 +83,11 @@ class BalancedFilter:
         result = balanced_filter(
             probs, class_proportions(self.split["labeled"]), self.keep_fraction, self.soft, self.threshold, classes
         )
+        raised = None
+        if self.sharpening == "aals":
+            sharpened = aals(torch.from_numpy(probs), self.aals_t, self.aals_a0).numpy()
+            result.labels = np.where(result.mask, sharpened, 0.0).astype(np.float32)
+            raised = float((sharpened > probs)[result.mask].mean()) if result.mask.any() else 0.0
         kept = filtered_datalist(items, result)
         provenance = {
             "dataset_fingerprint": self.split["fingerprint"],
@@ -72,6 +96,8 @@ class BalancedFilter:
             "keep_fraction": self.keep_fraction,
             "soft": self.soft,
             "threshold": self.threshold,
+            "sharpening": self.sharpening,
+            **({"aals_t": self.aals_t, "aals_a0": self.aals_a0} if self.sharpening else {}),
             "counts": result.counts,
             "shortfalls": result.shortfalls,
         }
@@ -79,6 +105,8 @@ class BalancedFilter:
 
         metrics = engine.state.metrics
         metrics["filter_kept"] = len(kept)
+        if raised is not None:
+            metrics["aals_raised_fraction"] = raised
         flips = flip_rate(result, labels) if labels is not None else np.full(len(classes), np.nan)
         for name, flip in zip(classes, flips, strict=True):
             metrics[f"filter_kept_positive_{name}"] = result.counts[name]["kept_positive"]
@@ -87,6 +115,6 @@ class BalancedFilter:
                 metrics[f"filter_flip_rate_{name}"] = float(flip)
         logger.info(
             "balanced filter kept %d of %d unlabeled images (κ=%s, %s labels): %s",
-            len(kept), len(ids), self.keep_fraction, "soft" if self.soft else "hard",
+            len(kept), len(ids), self.keep_fraction, self.sharpening or ("soft" if self.soft else "hard"),
             "; ".join(f"{n}: +{c['kept_positive']} / -{c['kept_negative']}" for n, c in result.counts.items()),
         )
