@@ -91,6 +91,13 @@ def _echo(line: str) -> None:
     print(line, flush=True)
 
 
+def _config_arguments(parser: argparse.ArgumentParser, nargs: str, configs_help: str, set_help: str) -> None:
+    """The config files, ``--bundle`` and ``--set`` arguments that ``run``, ``pipeline`` and ``sweep`` share."""
+    parser.add_argument("configs", nargs=nargs, help=configs_help)
+    parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=set_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-cxr-ssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,9 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run bundle configs (train, evaluate, inference, overlays) and record the executed config",
         description="Example: monai-cxr-ssl run train kermany cpu_small --set output_dir=runs/k labeled_fraction=0.05",
     )
-    run.add_argument("configs", nargs="+", help="train, evaluate or inference, then overlays (configs/ names, paths)")
-    run.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
-    run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. num_epochs=5")
+    _config_arguments(run, "+", "train, evaluate or inference, then overlays (configs/ names, paths)",
+                      "config overrides, e.g. num_epochs=5")
     run.set_defaults(func=cmd_run)
 
     stage_help = (
@@ -131,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher → pseudo-label → student → fine-tune → evaluate; resumable, one MLflow parent run",
         description="Example: monai-cxr-ssl pipeline kermany cpu_small --set output_dir=runs/k labeled_fraction=0.05",
     )
-    pipe.add_argument("configs", nargs="*", help="overlays for every stage (configs/ names or files)")
-    pipe.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
-    pipe.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=stage_help)
+    _config_arguments(pipe, "*", "overlays for every stage (configs/ names or files)", stage_help)
     pipe.set_defaults(func=cmd_pipeline)
 
     sweep = sub.add_parser(
@@ -142,11 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Example: monai-cxr-ssl sweep kermany cpu_small --lambdas 0.02 0.05 0.1 --seeds 0 1 "
         "--set output_dir=runs/sweep",
     )
-    sweep.add_argument("configs", nargs="*", help="overlays for every stage (configs/ names or files)")
+    _config_arguments(sweep, "*", "overlays for every stage (configs/ names or files)", stage_help)
     sweep.add_argument("--lambdas", type=float, nargs="+", required=True, help="labeled fractions λ, in (0, 1]")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="split and training seeds (default: 0)")
-    sweep.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
-    sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=stage_help)
     sweep.set_defaults(func=cmd_sweep)
     return parser
 
