@@ -21,6 +21,7 @@ from pathlib import Path
 
 from monai.utils import path_to_sqlite_uri
 
+from monai_cxr_ssl.cli import parse_overrides
 from monai_cxr_ssl.pipeline import run_sweep
 from monai_cxr_ssl.results import format_table1, table1
 from monai_cxr_ssl.tracking import tracking_client
@@ -97,12 +98,7 @@ def main() -> None:
         "student_epochs": args.student_epochs, "finetune_epochs": args.finetune_epochs,
         "max_unlabeled": args.max_unlabeled or None,
     }
-    for pair in args.set:
-        key, _, value = pair.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides.update(parse_overrides(args.set))
     print("settings:", json.dumps(overrides), flush=True)
     start = time.perf_counter()
     results = run_sweep(["kermany", "cpu_small"], overrides, args.lambdas, args.seeds)

@@ -13,7 +13,7 @@ from typing import Any
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE
 
 
-def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``key=value`` pairs; values are JSON when they parse as JSON (numbers, lists, null), else strings."""
     overrides = {}
     for pair in pairs:
@@ -46,19 +46,19 @@ def cmd_synthesize(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.workflow import run_bundle
 
-    run_bundle(args.configs, bundle=args.bundle, **_parse_overrides(args.set))
+    run_bundle(args.configs, bundle=args.bundle, **parse_overrides(args.set))
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.pipeline import Pipeline
 
-    Pipeline(args.configs, _parse_overrides(args.set), bundle=args.bundle, echo=_echo).run()
+    Pipeline(args.configs, parse_overrides(args.set), bundle=args.bundle, echo=_echo).run()
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.pipeline import run_sweep
 
-    run_sweep(args.configs, _parse_overrides(args.set), args.lambdas, args.seeds, bundle=args.bundle, echo=_echo)
+    run_sweep(args.configs, parse_overrides(args.set), args.lambdas, args.seeds, bundle=args.bundle, echo=_echo)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

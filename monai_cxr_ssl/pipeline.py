@@ -30,7 +30,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 
 from monai_cxr_ssl.results import columns, format_table1, table1
-from monai_cxr_ssl.tracking import claim_run, experiment_id, tracking_client
+from monai_cxr_ssl.tracking import claim_run, experiment_id, recorded_run, tracking_client
 from monai_cxr_ssl.utils import atomic_write, read_json, write_json
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, make_workflow, run_workflow
 
@@ -220,22 +220,10 @@ class Pipeline:
 
     def _parent_run(self, client: mlflow.MlflowClient, experiment: str) -> str:
         """The pipeline's MLflow run: the one recorded in ``output_dir`` if the store still has it, else a new one."""
-        state_file = self.output_dir / "pipeline_run.json"
-        run_id = None
-        if state_file.is_file():
-            run_id = read_json(state_file, "pipeline state", "delete it to start a new MLflow parent run")["run_id"]
-            try:
-                if client.get_run(run_id).info.lifecycle_stage != "active":
-                    run_id = None
-            except mlflow.exceptions.MlflowException:
-                run_id = None
-        if run_id is None:
-            run_id = client.create_run(experiment, run_name=self.run_name).info.run_id
+        run_id, created = recorded_run(client, experiment, self.output_dir / "pipeline_run.json", self.run_name)
+        if created:  # params are immutable in MLflow; λ and seed cannot change for an output_dir (its split)
             client.log_param(run_id, "labeled_fraction", self.labeled_fraction)
             client.log_param(run_id, "seed", self.seed)
-            write_json(state_file, {"run_id": run_id})
-        else:
-            client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "rounds", str(self.rounds))
         client.set_tag(run_id, "overlays", json.dumps(self.overlays))
         client.set_tag(run_id, "overrides", json.dumps({**self.common, **{
@@ -328,13 +316,7 @@ def run_sweep(
     base = Path(parser.get_parsed_content("output_dir"))
     client = tracking_client(parser.get_parsed_content("tracking_uri"))
     experiment = experiment_id(client, parser.get_parsed_content("experiment_name"))
-    state_file = base / "sweep_run.json"
-    if state_file.is_file():
-        sweep = read_json(state_file, "sweep state", "delete it to start a new MLflow sweep run")["run_id"]
-        client.update_run(sweep, status="RUNNING")
-    else:
-        sweep = client.create_run(experiment, run_name=f"sweep-{base.name}").info.run_id
-        write_json(state_file, {"run_id": sweep})
+    sweep, _ = recorded_run(client, experiment, base / "sweep_run.json", f"sweep-{base.name}")
     client.set_tag(sweep, "labeled_fractions", json.dumps(list(labeled_fractions)))
     client.set_tag(sweep, "seeds", json.dumps(list(seeds)))
     results = []

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["aals", "sharpening_strength"]
+__all__ = ["aals", "check_aals_parameters", "sharpening_strength"]
 
 
-def _check(t: float, a0: float) -> None:
+def check_aals_parameters(t: float, a0: float) -> None:
+    """Raise ``ValueError`` unless 0 < t < 1 and a0 >= 1."""
     if not 0.0 < t < 1.0:
         raise ValueError(f"AALS centre t must be in (0, 1), got {t}.")
     if not a0 >= 1.0:
@@ -42,7 +43,7 @@ def aals(
         per_image: take ``y_max`` over the last dimension (classes) instead of per class.
         eps: logits are taken of probabilities clamped to [eps, 1 − eps], so 0 and 1 give finite values.
     """
-    _check(t, a0)
+    check_aals_parameters(t, a0)
     probs = torch.as_tensor(probs)
     y_max = probs.amax(dim=-1, keepdim=True) if per_image and probs.ndim > 0 else probs
     a = sharpening_strength(y_max, a0)

@@ -9,6 +9,8 @@ import mlflow
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.utils import path_to_uri
 
+from monai_cxr_ssl.utils import read_json, write_json
+
 SUPERSEDED_SUFFIX = "-superseded"
 
 
@@ -41,6 +43,26 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     uri = client.tracking_uri
     location = path_to_uri(Path(uri[len("sqlite:///"):]).parent / "mlruns") if uri.startswith("sqlite:///") else None
     return client.create_experiment(name, artifact_location=location)
+
+
+def recorded_run(
+    client: mlflow.MlflowClient, experiment: str, state_file: str | os.PathLike, run_name: str
+) -> tuple[str, bool]:
+    """The run whose id ``state_file`` records, set running again, if the store still has it; else a new run
+    called ``run_name``, recorded there. Returns ``(run_id, created)``: a pipeline or sweep keeps one MLflow run
+    across restarts."""
+    state_file = Path(state_file)
+    if state_file.is_file():
+        run_id = read_json(state_file, "MLflow run record", "delete it to start a new MLflow run")["run_id"]
+        try:
+            if client.get_run(run_id).info.lifecycle_stage == "active":
+                client.update_run(run_id, status="RUNNING")
+                return run_id, False
+        except mlflow.exceptions.MlflowException:
+            pass  # the store no longer has it (another tracking URI, deleted): start a new one
+    run_id = client.create_run(experiment, run_name=run_name).info.run_id
+    write_json(state_file, {"run_id": run_id})
+    return run_id, True
 
 
 def claim_run(

@@ -11,7 +11,7 @@ from ignite.engine import Engine, Events
 
 from monai_cxr_ssl.filtering import balanced_filter, class_proportions, filtered_datalist, flip_rate
 from monai_cxr_ssl.pseudo_labels import file_sha256, read_pseudo_labels, write_filtered_datalist
-from monai_cxr_ssl.sharpening import aals
+from monai_cxr_ssl.sharpening import aals, check_aals_parameters
 
 SHARPENINGS = (None, "aals")
 
@@ -59,7 +59,7 @@ class BalancedFilter:
         if sharpening not in SHARPENINGS:
             raise ValueError(f"sharpening must be one of {SHARPENINGS}, got {sharpening!r}.")
         if sharpening == "aals":
-            aals(torch.zeros(1), aals_t, aals_a0)  # checks t and a0 now rather than after pseudo-labelling
+            check_aals_parameters(aals_t, aals_a0)  # now, rather than after pseudo-labelling
         self.pseudo_label_file = pseudo_label_file
         self.split = split
         self.output_file = output_file
