@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 # Bundle configs refer to these as ``monai_cxr_ssl.<module>.<name>`` in expressions.
 from monai_cxr_ssl import (  # noqa: E402
     data,
+    engines,
     evaluation,
     filtering,
     handlers,
@@ -20,6 +21,7 @@ from monai_cxr_ssl import (  # noqa: E402
 
 __all__ = [
     "data",
+    "engines",
     "evaluation",
     "filtering",
     "handlers",

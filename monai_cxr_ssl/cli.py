@@ -61,6 +61,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     run_sweep(args.configs, parse_overrides(args.set), args.lambdas, args.seeds, bundle=args.bundle, echo=_echo)
 
 
+def cmd_aals_ablation(args: argparse.Namespace) -> None:
+    from monai_cxr_ssl.ablation import run_aals_ablation
+
+    values = {k: v for k, v in (("ts", args.t), ("a0s", args.a0)) if v is not None}
+    run_aals_ablation(args.configs, parse_overrides(args.set), grid=args.grid, bundle=args.bundle, echo=_echo,
+                      **values)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.data import make_synthetic_dataset
     from monai_cxr_ssl.pipeline import Pipeline
@@ -130,12 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage_help = (
         "config overrides for every stage (num_epochs=2) or one kind of stage (student:num_epochs=3; kinds: teacher, "
-        "pseudo_label, student, finetune, evaluate); rounds=N for N teacher-student rounds"
+        "pseudo_label, student, finetune, mean_teacher, evaluate); method=mean_teacher for mean-teacher "
+        "distillation with AALS instead of teacher-student; rounds=N for N teacher-student rounds"
     )
     pipe = sub.add_parser(
         "pipeline",
-        help="teacher → pseudo-label → student → fine-tune → evaluate; resumable, one MLflow parent run",
-        description="Example: monai-cxr-ssl pipeline kermany cpu_small --set output_dir=runs/k labeled_fraction=0.05",
+        help="teacher → pseudo-label → student → fine-tune (or → mean teacher) → evaluate; resumable, one MLflow "
+        "parent run",
+        description="Example: monai-cxr-ssl pipeline kermany cpu_small --set output_dir=runs/k labeled_fraction=0.05 "
+        "[method=mean_teacher]",
     )
     _config_arguments(pipe, "*", "overlays for every stage (configs/ names or files)", stage_help)
     pipe.set_defaults(func=cmd_pipeline)
@@ -150,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lambdas", type=float, nargs="+", required=True, help="labeled fractions λ, in (0, 1]")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="split and training seeds (default: 0)")
     sweep.set_defaults(func=cmd_sweep)
+
+    ablation = sub.add_parser(
+        "aals-ablation",
+        help="mean teacher with each AALS centre t and strength a0 (the paper's Tables 2 and 3), one experiment",
+        description="Example: monai-cxr-ssl aals-ablation kermany cpu_small --set output_dir=runs/aals "
+        "labeled_fraction=0.05",
+    )
+    _config_arguments(ablation, "*", "overlays for every stage (configs/ names or files)", stage_help)
+    ablation.add_argument("--t", type=float, nargs="+", help="AALS centres t (default: the paper's 0.2 0.3 0.4 0.5)")
+    ablation.add_argument("--a0", type=float, nargs="+", help="AALS strengths a0 (default: the paper's 1 4 8 16)")
+    ablation.add_argument("--grid", action="store_true",
+                          help="every (t, a0) pair instead of each t at a0=4 and each a0 at t=0.4")
+    ablation.set_defaults(func=cmd_aals_ablation)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""AUROC reports: per-class and mean AUROC, ROC-curve figures and the metrics JSON."""
+"""AUROC reports: per-class and mean AUROC, ROC-curve figures, the metrics JSON and the predictions; operating
+points (sensitivity and specificity at a threshold chosen on validation data)."""
 
 from __future__ import annotations
 
@@ -68,11 +69,36 @@ def plot_roc_curves(
     plt.close(fig)
 
 
+def operating_point(
+    val_labels: np.ndarray, val_probs: np.ndarray, test_labels: np.ndarray, test_probs: np.ndarray
+) -> dict[str, float]:
+    """Sensitivity and specificity on test data at the threshold that maximises Youden's J (sensitivity +
+    specificity − 1) on validation data, for one class (1-D arrays or one column)."""
+    val_labels, val_probs, test_labels, test_probs = (np.asarray(a, dtype=np.float64).ravel() for a in
+                                                      (val_labels, val_probs, test_labels, test_probs))
+    if len(np.unique(val_labels)) < 2 or len(np.unique(test_labels)) < 2:
+        raise ValueError("an operating point needs positive and negative images in both validation and test data.")
+    fpr, tpr, thresholds = roc_curve(val_labels, val_probs)
+    best = int(np.argmax(tpr - fpr))
+    threshold = float(min(thresholds[best], 1.0))
+    predicted = test_probs >= threshold
+    positive = test_labels > 0
+    return {
+        "threshold": threshold,
+        "sensitivity": float(predicted[positive].mean()),
+        "specificity": float((~predicted[~positive]).mean()),
+    }
+
+
 def write_report(
     labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], output_dir: str | os.PathLike, prefix: str
 ) -> dict:
-    """Compute the AUROC report and write ``<prefix>_metrics.json`` and ``<prefix>_roc.png`` into ``output_dir``."""
+    """Compute the AUROC report and write ``<prefix>_metrics.json``, ``<prefix>_roc.png`` and the labels and
+    probabilities (``<prefix>_predictions.npz``, for operating points and comparisons) into ``output_dir``."""
     report = auroc_report(labels, probs, class_names)
+    with atomic_write(os.path.join(output_dir, f"{prefix}_predictions.npz"), "wb") as f:
+        np.savez(f, labels=np.asarray(labels, dtype=np.float32), probs=np.asarray(probs, dtype=np.float32),
+                 class_names=np.asarray(class_names))
     write_json(os.path.join(output_dir, f"{prefix}_metrics.json"), report)
     plot_roc_curves(labels, probs, class_names, os.path.join(output_dir, f"{prefix}_roc.png"), title=prefix)
     return report

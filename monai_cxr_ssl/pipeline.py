@@ -1,8 +1,9 @@
-"""The teacher-student method as one resumable command, and sweeps of it over λ and seeds.
+"""The semi-supervised methods as one resumable command, and sweeps of them over λ and seeds.
 
-``Pipeline`` runs the bundle's stages in order: the teacher and its evaluation, then per round the pseudo-label
-stage (with the balanced filter), the student ("intermediate") and its evaluation, the fine-tuned student and its
-evaluation. Each stage is an ordinary bundle workflow, the same configs ``python -m monai.bundle run`` takes, and
+``Pipeline`` runs the bundle's stages in order: the teacher and its evaluation, then for the teacher-student method
+per round the pseudo-label stage (with the balanced filter), the student ("intermediate") and its evaluation, the
+fine-tuned student and its evaluation; for the mean-teacher method the mean-teacher stage and its evaluation. Each
+stage is an ordinary bundle workflow, the same configs ``python -m monai.bundle run`` takes, and
 logs its own MLflow run, nested under one parent run per pipeline (and that under one run per sweep).
 
 Skipping and resuming: a stage's key hashes the config items the stage uses (found by following references from
@@ -34,13 +35,18 @@ from monai_cxr_ssl.tracking import claim_run, experiment_id, recorded_run, track
 from monai_cxr_ssl.utils import atomic_write, read_json, write_json
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, make_workflow, run_workflow
 
-__all__ = ["STAGE_KINDS", "Pipeline", "Step", "plan", "run_sweep", "split_overrides", "used_config"]
+__all__ = [
+    "METHODS", "STAGE_KINDS", "Pipeline", "Step", "evaluation", "mean_teacher_step", "plan", "run_sweep",
+    "split_overrides", "teacher_steps", "used_config",
+]
 
-STAGE_KINDS = ("teacher", "pseudo_label", "student", "finetune", "evaluate")
-# Settings that change where or how fast results are made, not the results: they do not re-run stages.
+STAGE_KINDS = ("teacher", "pseudo_label", "student", "finetune", "mean_teacher", "evaluate")
+METHODS = ("teacher_student", "mean_teacher")
+# Settings that change where or how fast results are made, not the results: they do not re-run stages. The dataset
+# folder is one: the split file's fingerprint of image ids and labels stops any stage if the data itself differs.
 BOOKKEEPING_IDS = frozenset(
     {"bundle_root", "tracking_uri", "experiment_name", "run_name", "run_suffix", "executed_config", "device",
-     "num_workers", "cache_rate", "resume"}
+     "num_workers", "cache_rate", "resume", "dataset_dir"}
 )
 _KIND_OVERRIDE = re.compile(r"(\w+):(?!:)(.+)")
 
@@ -58,18 +64,36 @@ class Step:
     column: str | None = None  # the Table I column an evaluation fills
 
 
-def plan(rounds: int = 1) -> list[Step]:
-    """The steps of ``rounds`` teacher-student rounds; from round 2 on the previous fine-tuned student is the
-    teacher and stages are suffixed ``_r<N>``."""
+def evaluation(stage: str, kind: str, column: str) -> Step:
+    """The step that evaluates ``stage`` (a model of ``kind``) on the test split, for the table's ``column``."""
+    # the evaluated model's settings apply too: its evaluation run logs that model's hyperparameters
+    return Step(f"{stage}/evaluate", "evaluate", (kind, "evaluate"), stage, (stage,), column=column)
+
+
+def teacher_steps() -> list[Step]:
+    """The supervised teacher on the labeled split, and its evaluation: how every method starts."""
+    return [Step("teacher", "train", ("teacher",), "teacher"), evaluation("teacher", "teacher", "teacher")]
+
+
+def mean_teacher_step(stage: str = "mean_teacher", **settings: Any) -> Step:
+    """Mean-teacher distillation initialised from the teacher; ``settings`` override its config (AALS t, a0 ...)."""
+    return Step(stage, "mean_teacher", ("mean_teacher",), stage, ("teacher",), {"init_stage": "teacher", **settings})
+
+
+def plan(rounds: int = 1, method: str = "teacher_student") -> list[Step]:
+    """The steps of a method (``METHODS``). ``teacher_student``: ``rounds`` rounds; from round 2 on the previous
+    fine-tuned student is the teacher and stages are suffixed ``_r<N>``. ``mean_teacher``: the teacher, then
+    mean-teacher distillation with AALS starting from it."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}.")
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}.")
-    cols = iter(columns(rounds))
-
-    def evaluation(stage: str, kind: str) -> Step:
-        # the evaluated model's settings apply too: its evaluation run logs that model's hyperparameters
-        return Step(f"{stage}/evaluate", "evaluate", (kind, "evaluate"), stage, (stage,), column=next(cols))
-
-    steps = [Step("teacher", "train", ("teacher",), "teacher"), evaluation("teacher", "teacher")]
+    if method == "mean_teacher":
+        if rounds != 1:
+            raise ValueError("rounds applies to the teacher_student method only; the mean teacher runs once.")
+        return [*teacher_steps(), mean_teacher_step(), evaluation("mean_teacher", "mean_teacher", "mean teacher")]
+    cols = iter(columns(rounds)[1:])
+    steps = teacher_steps()
     teacher = "teacher"
     for r in range(1, rounds + 1):
         suffix = "" if r == 1 else f"_r{r}"
@@ -77,9 +101,9 @@ def plan(rounds: int = 1) -> list[Step]:
         steps += [
             Step(pseudo, "pseudo_label", ("pseudo_label",), pseudo, (teacher,), {"teacher_stage": teacher}),
             Step(student, "student", ("student",), student, (pseudo,), {"pseudo_label_stage": pseudo}),
-            evaluation(student, "student"),
+            evaluation(student, "student", next(cols)),
             Step(finetune, "finetune", ("finetune",), finetune, (student,), {"init_stage": student}),
-            evaluation(finetune, "finetune"),
+            evaluation(finetune, "finetune", next(cols)),
         ]
         teacher = finetune
     return steps
@@ -153,15 +177,19 @@ def _marker(path: Path) -> dict | None:
 
 
 class Pipeline:
-    """Teacher → pseudo-label (+ balanced filter) → student → fine-tune, evaluated after each model, resumable.
+    """Teacher → pseudo-label (+ balanced filter) → student → fine-tune, or teacher → mean teacher, evaluated after
+    each model, resumable.
 
     Args:
         overlays: config overlays (``configs/`` names or files) applied to every stage.
         overrides: ``key: value`` for every stage, ``"<kind>:key": value`` for one kind of stage (kinds:
-            ``STAGE_KINDS``). ``rounds`` (default 1) sets the number of teacher-student rounds.
+            ``STAGE_KINDS``). ``method`` (``METHODS``, default ``teacher_student``) picks the method, ``rounds``
+            (default 1) the number of teacher-student rounds.
         bundle: the bundle folder.
         parent_run_id: an MLflow run (a sweep's) to nest this pipeline's run under.
         echo: where progress lines go.
+        steps: run these steps instead of the method's (the AALS ablation's variants).
+        name: the MLflow run-name stem of the pipeline's run.
     """
 
     def __init__(
@@ -171,6 +199,8 @@ class Pipeline:
         bundle: str | Path = DEFAULT_BUNDLE,
         parent_run_id: str | None = None,
         echo: Callable[[str], None] = print,
+        steps: Sequence[Step] | None = None,
+        name: str = "pipeline",
     ) -> None:
         self.overlays = list(overlays)
         self.common, self.per_kind = split_overrides(dict(overrides or {}))
@@ -179,14 +209,15 @@ class Pipeline:
         self.echo = echo
         parser = make_workflow(["train", *self.overlays], bundle, **self.common).parser
         self.rounds = parser.get("rounds", 1)
-        self.steps = plan(self.rounds)
+        self.method = parser.get("method", "teacher_student")
+        self.steps = list(steps) if steps is not None else plan(self.rounds, self.method)
         self.output_dir = Path(parser.get_parsed_content("output_dir"))
         self.split_file = Path(parser.get_parsed_content("split_file"))
         self.labeled_fraction = parser.get_parsed_content("labeled_fraction")
         self.seed = parser.get_parsed_content("seed")
         self.tracking_uri = parser.get_parsed_content("tracking_uri")
         self.experiment_name = parser.get_parsed_content("experiment_name")
-        self.run_name = "pipeline" + parser.get_parsed_content("run_suffix")
+        self.run_name = name + parser.get_parsed_content("run_suffix")
 
     def _overrides(self, step: Step) -> dict[str, Any]:
         per_kind = {k: v for kind in step.kinds for k, v in self.per_kind[kind].items()}
@@ -201,10 +232,10 @@ class Pipeline:
         outputs: dict[str, dict] = {}
         try:
             for index, step in enumerate(self.steps, 1):
-                if step.config == "pseudo_label" and not self._num_unlabeled():
+                if step.config in ("pseudo_label", "mean_teacher") and not self._num_unlabeled():
                     self.echo(
                         f"the unlabeled split is empty (labeled_fraction={self.labeled_fraction}): there is nothing "
-                        "to pseudo-label, so the pipeline stops after the (fully supervised) teacher."
+                        "to learn from without labels, so the pipeline stops after the (fully supervised) teacher."
                     )
                     break
                 outputs[step.name] = self._run_step(f"[{index}/{len(self.steps)}] {step.name}", step, outputs, client,
@@ -224,6 +255,7 @@ class Pipeline:
         if created:  # params are immutable in MLflow; λ and seed cannot change for an output_dir (its split)
             client.log_param(run_id, "labeled_fraction", self.labeled_fraction)
             client.log_param(run_id, "seed", self.seed)
+        client.set_tag(run_id, "method", self.method)
         client.set_tag(run_id, "rounds", str(self.rounds))
         client.set_tag(run_id, "overlays", json.dumps(self.overlays))
         client.set_tag(run_id, "overrides", json.dumps({**self.common, **{
@@ -283,7 +315,9 @@ class Pipeline:
             "labeled_fraction": self.labeled_fraction,
             "seed": self.seed,
             "rounds": self.rounds,
-            "auroc": {col: auroc.get(col) for col in columns(self.rounds)},
+            "method": self.method,
+            "run_id": parent,
+            "auroc": {step.column: auroc.get(step.column) for step in self.steps if step.column},
             "runs": {step.name: outputs[step.name]["run_id"] for step in ran},
         }
         table = format_table1(table1([results]))

@@ -1,5 +1,6 @@
 """Table I of the teacher-student paper: test AUROC per labeled fraction λ for the teacher, the intermediate
-model (student trained on pseudo-labels only) and the student (fine-tuned), mean ± std over seeds."""
+model (student trained on pseudo-labels only) and the student (fine-tuned), mean ± std over seeds; the same
+layout holds other methods' models (the mean teacher) and the AALS ablation's variants as columns."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def columns(rounds: int) -> list[str]:
-    """Table I's model columns for ``rounds`` teacher-student rounds: round r > 1 adds ``intermediate rN`` and
-    ``student rN``."""
+def columns(rounds: int = 1, method: str = "teacher_student") -> list[str]:
+    """The model columns of a pipeline: for ``teacher_student``, Table I's for ``rounds`` rounds (round r > 1 adds
+    ``intermediate rN`` and ``student rN``); for ``mean_teacher``, the teacher and the mean teacher."""
+    if method == "mean_teacher":
+        return ["teacher", "mean teacher"]
     cols = ["teacher", "intermediate", "student"]
     for r in range(2, rounds + 1):
         cols += [f"intermediate r{r}", f"student r{r}"]
@@ -20,12 +23,12 @@ def columns(rounds: int) -> list[str]:
 
 def table1(results: Sequence[dict]) -> list[dict]:
     """Aggregate pipeline results (``{"labeled_fraction", "seed", "auroc": {column: value}}``) into one row per λ,
-    highest λ last: ``{"labeled_fraction", "seeds", column: (mean, std) or None}``; std is the sample standard
-    deviation over seeds (0 for a single seed)."""
+    highest λ last: ``{"labeled_fraction", "seeds", column: (mean, std) or None}`` over the columns the results
+    have; std is the sample standard deviation over seeds (0 for a single seed)."""
     by_fraction: dict[float, list[dict]] = defaultdict(list)
     for result in results:
         by_fraction[float(result["labeled_fraction"])].append(result)
-    cols = columns(max((r.get("rounds", 1) for r in results), default=1))
+    cols = list(dict.fromkeys(col for r in results for col in r["auroc"]))  # in first-seen order
     rows = []
     for fraction in sorted(by_fraction):
         group = by_fraction[fraction]

@@ -18,13 +18,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "cxr_classifier"
 OVERLAYS_DIR = REPO_ROOT / "configs"
 
-# Named configs of a bundle; evaluate and the teacher-student stages are overlays on train, as in model-zoo bundles.
+# Named configs of a bundle; evaluate and the semi-supervised stages are overlays on train, as in model-zoo bundles.
 NAMED_CONFIGS = {
     "train": ["train.json"],
     "evaluate": ["train.json", "evaluate.json"],
     "pseudo_label": ["train.json", "evaluate.json", "pseudo_label.json"],
     "student": ["train.json", "student.json"],
     "finetune": ["train.json", "finetune.json"],
+    "mean_teacher": ["train.json", "mean_teacher.json"],
     "inference": ["inference.json"],
 }
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from monai_cxr_ssl.evaluation import auroc_report, write_report
+from monai_cxr_ssl.evaluation import auroc_report, operating_point, write_report
 
 
 def test_auroc_report_per_class_and_mean():
@@ -42,4 +42,18 @@ def test_write_report_files(tmp_path):
     report = write_report(labels, probs, ["Effusion"], tmp_path, "test")
     assert json.loads((tmp_path / "test_metrics.json").read_text()) == report
     assert (tmp_path / "test_roc.png").read_bytes()[:4] == b"\x89PNG"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_metrics.json", "test_roc.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_metrics.json", "test_predictions.npz", "test_roc.png"]
+    saved = np.load(tmp_path / "test_predictions.npz")
+    np.testing.assert_allclose(saved["probs"].ravel(), probs, rtol=1e-6)
+    assert saved["labels"].ravel().tolist() == labels.tolist() and saved["class_names"].tolist() == ["Effusion"]
+
+
+def test_operating_point_uses_the_validation_threshold_on_test_data():
+    val_labels = np.array([0, 0, 0, 1, 1, 1])
+    val_probs = np.array([0.1, 0.2, 0.3, 0.15, 0.6, 0.7])  # Youden's J is highest at threshold 0.6 (2/3 − 0)
+    test_labels = np.array([0, 0, 1, 1, 1, 1])
+    test_probs = np.array([0.65, 0.1, 0.61, 0.59, 0.9, 0.2])
+    point = operating_point(val_labels, val_probs, test_labels, test_probs)
+    assert point == {"threshold": 0.6, "sensitivity": 0.5, "specificity": 0.5}
+    with pytest.raises(ValueError, match="positive and negative"):
+        operating_point(np.ones(3), np.ones(3), test_labels, test_probs)

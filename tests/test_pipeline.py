@@ -38,6 +38,30 @@ def test_plan_chains_rounds():
         plan(0)
 
 
+def test_plan_of_the_mean_teacher_method():
+    steps = plan(method="mean_teacher")
+    assert [s.name for s in steps] == ["teacher", "teacher/evaluate", "mean_teacher", "mean_teacher/evaluate"]
+    assert steps[2].settings == {"init_stage": "teacher"} and steps[2].inputs == ("teacher",)
+    assert steps[3].kinds == ("mean_teacher", "evaluate") and steps[3].column == "mean teacher"
+    with pytest.raises(ValueError, match="method must be one of"):
+        plan(method="fixmatch")
+    with pytest.raises(ValueError, match="rounds applies to the teacher_student method only"):
+        plan(2, "mean_teacher")
+
+
+def test_aals_ablation_settings():
+    from monai_cxr_ssl.ablation import aals_settings, format_ablation
+
+    pairs = aals_settings()  # the paper's tables: t varied at a0 = 4, a0 varied at t = 0.4
+    assert pairs == [(0.2, 4.0), (0.3, 4.0), (0.4, 4.0), (0.5, 4.0), (0.4, 1.0), (0.4, 8.0), (0.4, 16.0)]
+    assert len(aals_settings(grid=True)) == 16
+    with pytest.raises(ValueError, match="AALS centre t must be in"):
+        aals_settings(ts=[0.0])
+    table = format_ablation({"teacher": 0.8, "t0.2_a4": 0.81, "t0.4_a1": 0.79, "t0.4_a4": 0.83},
+                            [(0.2, 4.0), (0.4, 1.0), (0.4, 4.0)])
+    assert "| 0.2 | - | 0.810 |" in table and "| 0.4 | 0.790 | 0.830 |" in table and "teacher" in table
+
+
 def test_split_overrides():
     common, per_kind = split_overrides({"num_epochs": 2, "student:num_epochs": 3, "train::trainer#max_epochs": 1})
     assert common == {"num_epochs": 2, "train::trainer#max_epochs": 1}
@@ -69,6 +93,8 @@ def test_table1_mean_and_std_over_seeds():
     text = format_table1(rows)
     assert "| 5% | 0,1 | 0.720 ± 0.028 | 0.740 ± 0.028 | 0.810 ± 0.014 |" in text
     assert "| 100% (supervised) | 0 | 0.900 | - | - |" in text
+    mean_teacher = table1([{"labeled_fraction": 0.05, "seed": 0, "auroc": {"teacher": 0.7, "mean teacher": 0.75}}])
+    assert "| labeled | seeds | teacher | mean teacher |" in format_table1(mean_teacher)
 
 
 @pytest.fixture(scope="module")

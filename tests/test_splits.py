@@ -57,6 +57,24 @@ def test_stratified_sizes_and_prevalence():
         assert abs(np.mean([it["label"][0] for it in split[part]]) - prevalence) < 0.02, part
 
 
+def test_labeled_prevalence_moves_positives_to_the_unlabeled_part():
+    pool = make_items(2000, prevalence=0.3)
+    plain = make_split(pool, 0.2, seed=3)
+    rare = make_split(pool, 0.2, seed=3, labeled_prevalence=0.1)
+    positives = [it for it in rare["labeled"] if it["label"][0] > 0]
+    assert len(positives) / len(rare["labeled"]) == pytest.approx(0.1, abs=0.005)
+    moved = set(ids(plain["labeled"])) - set(ids(rare["labeled"]))
+    assert moved <= set(ids(rare["unlabeled"])) and all(it["label"][0] > 0 for it in plain["labeled"]
+                                                         if it["id"] in moved)
+    assert ids(rare["validation"]) == ids(plain["validation"]) and ids(rare["test"]) == ids(plain["test"])
+    assert make_split(pool, 0.2, seed=3, labeled_prevalence=0.5)["labeled"] == plain["labeled"]  # already below
+    with pytest.raises(ValueError, match=r"labeled_prevalence must be in \(0, 1\)"):
+        make_split(pool, 0.2, labeled_prevalence=1.0)
+    multi = [dict(it, label=[it["label"][0], 1.0 - it["label"][0]]) for it in pool]
+    with pytest.raises(ValueError, match="binary labels only"):
+        make_split(multi, 0.2, labeled_prevalence=0.1)
+
+
 def test_multilabel_rare_class_reaches_labeled_part():
     rng = np.random.default_rng(0)
     pool = [
@@ -161,6 +179,8 @@ def test_prepare_split_writes_and_reuses(tmp_path, caplog):
     assert stored["positives"]["labeled"] == [sum(it["label"][0] for it in stored["labeled"])]
     assert stored["skipped"] == [] and load_split(split_file) == stored
     assert prepare_split(source, str(split_file), labeled_fraction=0.5, seed=2) == split
+    rare = prepare_split(source, tmp_path / "rare.json", labeled_fraction=0.5, seed=2, labeled_prevalence=0.1)
+    assert rare["params"]["labeled_prevalence"] == 0.1 and rare["positives"]["labeled"] == [1]
 
 
 def test_prepare_split_follows_a_moved_dataset(tmp_path):

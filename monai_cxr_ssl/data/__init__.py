@@ -1,4 +1,4 @@
-"""Chest X-ray data: image reading, dataset sources, labeled/unlabeled splits, synthetic demo data."""
+"""Chest X-ray data: image reading, dataset sources, labeled/unlabeled splits, weak labels, synthetic demo data."""
 
 from monai_cxr_ssl.data.datasets import (
     CHESTXRAY14_PATHOLOGIES,
@@ -11,6 +11,7 @@ from monai_cxr_ssl.data.datasets import (
 from monai_cxr_ssl.data.readers import ImageReadError, LoadCXRImage, LoadCXRImaged, check_image, read_cxr
 from monai_cxr_ssl.data.splits import fingerprint, load_split, make_split, prepare_split, subsample
 from monai_cxr_ssl.data.synthetic import make_synthetic_dataset
+from monai_cxr_ssl.data.weak_labels import load_weak_labels, unlabeled_datalist
 
 __all__ = [
     "CHESTXRAY14_PATHOLOGIES",
@@ -25,9 +26,11 @@ __all__ = [
     "find_images",
     "fingerprint",
     "load_split",
+    "load_weak_labels",
     "make_split",
     "make_synthetic_dataset",
     "prepare_split",
     "read_cxr",
     "subsample",
+    "unlabeled_datalist",
 ]

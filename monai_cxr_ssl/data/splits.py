@@ -97,6 +97,22 @@ def _positives(items: Sequence[dict], num_classes: int) -> list[int]:
     return [int(n) for n in (np.asarray([it["label"] for it in items]) > 0).sum(axis=0)]
 
 
+def _limit_prevalence(parts: dict[str, list[dict]], prevalence: float, num_classes: int, rng) -> None:
+    """Move labeled positives to the unlabeled part until positives are ``prevalence`` of the labeled part."""
+    _check_fraction("labeled_prevalence", prevalence)
+    if num_classes != 1:
+        raise ValueError("labeled_prevalence applies to binary labels only (num_classes=1).")
+    positives = [it for it in parts["labeled"] if it["label"][0] > 0]
+    negatives = [it for it in parts["labeled"] if it["label"][0] <= 0]
+    keep = max(1, round(prevalence * len(negatives) / (1 - prevalence)))
+    if keep >= len(positives):
+        return
+    moved = {positives[i]["id"] for i in rng.choice(len(positives), size=len(positives) - keep, replace=False)}
+    parts["unlabeled"] = sorted(parts["unlabeled"] + [it for it in positives if it["id"] in moved],
+                                key=lambda it: it["id"])
+    parts["labeled"] = [it for it in parts["labeled"] if it["id"] not in moved]
+
+
 def make_split(
     pool: Sequence[dict],
     labeled_fraction: float,
@@ -106,6 +122,7 @@ def make_split(
     test: Sequence[dict] | None = None,
     test_fraction: float = 0.2,
     classes: Sequence[str] | None = None,
+    labeled_prevalence: float | None = None,
 ) -> dict[str, list[dict]]:
     """Split datalist items into ``labeled``, ``unlabeled``, ``validation`` and ``test`` parts.
 
@@ -121,6 +138,10 @@ def make_split(
     - Deterministic: inputs are sorted by id and shuffled with ``numpy.random.default_rng(seed)``.
 
     ``classes`` (optional) names the classes in error messages.
+
+    ``labeled_prevalence`` (binary labels only) lowers the share of positives in the labeled part to this value by
+    moving randomly chosen labeled positives to the unlabeled part, to study a rarer finding on the same images;
+    a labeled part already at or below it is left as it is.
 
     Raises:
         ValueError: on bad fractions, an empty pool, duplicate ids, or a labeled part missing a positive
@@ -149,6 +170,8 @@ def make_split(
     parts = _allocate(
         _strata(train_groups, num_classes), {"labeled": labeled_fraction, "unlabeled": 1 - labeled_fraction}, rng
     )
+    if labeled_prevalence is not None:
+        _limit_prevalence(parts, labeled_prevalence, num_classes, rng)
     parts["validation"] = held_out["validation"] if validation is None else sorted(validation, key=lambda it: it["id"])
     parts["test"] = held_out["test"] if test is None else sorted(test, key=lambda it: it["id"])
 
@@ -203,6 +226,7 @@ def prepare_split(
     val_fraction: float = 0.1,
     bad_images: str = "fail",
     num_classes: int | None = None,
+    labeled_prevalence: float | None = None,
 ) -> dict:
     """Load ``source``, then return the split stored in ``split_file``, making and writing it on first use.
 
@@ -214,6 +238,8 @@ def prepare_split(
         val_fraction: share of the pool held out for validation when the source has no validation split.
         bad_images: ``"fail"`` to stop on unreadable images, ``"skip"`` to leave them out (listed in ``skipped``).
         num_classes: the network's number of outputs, checked against the source's classes when given.
+        labeled_prevalence: for binary labels, the share of positives to subsample the labeled part to (the rest
+            of its positives become unlabeled); None keeps the stratified share.
 
     Returns:
         The split: ``labeled``, ``unlabeled``, ``validation`` and ``test`` datalists plus ``classes``,
@@ -230,6 +256,8 @@ def prepare_split(
         )
     everything = data.pool + (data.validation or []) + (data.test or [])
     params = {"labeled_fraction": labeled_fraction, "seed": seed, "val_fraction": val_fraction, "test_fraction": 0.2}
+    if labeled_prevalence is not None:  # recorded only when set, so that earlier split files stay valid
+        params["labeled_prevalence"] = labeled_prevalence
     current = fingerprint(everything)
     split_file = Path(split_file)
     if split_file.exists():
@@ -259,6 +287,7 @@ def prepare_split(
         test=test,
         test_fraction=params["test_fraction"],
         classes=data.classes,
+        labeled_prevalence=labeled_prevalence,
     )
     # Patient ids only serve the grouping above; they are not written out.
     parts = {k: [{key: val for key, val in it.items() if key != "patient_id"} for it in v] for k, v in parts.items()}

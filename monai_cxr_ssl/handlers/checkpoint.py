@@ -35,18 +35,40 @@ class _AtomicFileSaver(DiskSaver):
         """Nothing to remove: the next save replaces the file."""
 
 
+class _ChosenModel:
+    """What ``BestCheckpoint`` saves: the weights of the candidate its latest evaluation scored best."""
+
+    def __init__(self, owner: BestCheckpoint) -> None:
+        self.owner = owner
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.owner.candidates[self.owner.chosen].state_dict()
+
+
 class BestCheckpoint:
     """Saves ``network``'s weights to ``save_dir/filename`` whenever an evaluator run improves ``metric_name``.
+
+    ``candidates`` (``{metric name: network}``) add more models scored by the same evaluator, such as the EMA
+    teacher of mean-teacher training: the file then holds whichever model has the best score so far.
 
     Attach it to the validation evaluator. It has a ``state_dict`` (the best score so far), so a
     trainer checkpoint that includes it resumes with the right best score rather than
     overwriting the best model with the first epoch after a restart.
     """
 
-    def __init__(self, save_dir: str, network: torch.nn.Module, metric_name: str, filename: str = "model.pt") -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        network: torch.nn.Module,
+        metric_name: str,
+        filename: str = "model.pt",
+        candidates: Mapping[str, torch.nn.Module] | None = None,
+    ) -> None:
         self.metric_name = metric_name
+        self.candidates = {metric_name: network, **(candidates or {})}
+        self.chosen = metric_name  # the candidate scored best by the latest evaluation
         self.checkpoint = Checkpoint(
-            to_save={"model": network},
+            to_save={"model": _ChosenModel(self)},
             save_handler=_AtomicFileSaver(save_dir, filename),
             score_function=self._score,
             score_name=metric_name,
@@ -54,9 +76,11 @@ class BestCheckpoint:
         )
 
     def _score(self, engine: Engine) -> float:
-        if self.metric_name not in engine.state.metrics:
-            raise KeyError(f"BestCheckpoint: metric {self.metric_name!r} not in {sorted(engine.state.metrics)}.")
-        return float(engine.state.metrics[self.metric_name])
+        missing = [name for name in self.candidates if name not in engine.state.metrics]
+        if missing:
+            raise KeyError(f"BestCheckpoint: metric(s) {missing} not in {sorted(engine.state.metrics)}.")
+        self.chosen = max(self.candidates, key=lambda name: float(engine.state.metrics[name]))
+        return float(engine.state.metrics[self.chosen])
 
     @property
     def best_score(self) -> float | None:

@@ -1,0 +1,191 @@
+"""Mean-teacher engine: EMA teacher, ramp-up, AALS targets, the loss, two-model validation and the best of both."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from ignite.metrics import Average
+from monai.data import DataLoader
+from monai.handlers import ROCAUC, from_engine
+from monai.transforms import Compose, RandFlipd, RandGaussianNoised
+
+from monai_cxr_ssl.engines import MeanTeacherEvaluator, MeanTeacherTrainer, check_ema_decay, ema_update, sigmoid_rampup
+from monai_cxr_ssl.handlers import BestCheckpoint
+from monai_cxr_ssl.losses import BernoulliKLDivLoss
+from monai_cxr_ssl.sharpening import aals
+from monai_cxr_ssl.transforms import TwoViewsd
+
+
+def _net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(4, 1),
+    )
+
+
+def _items(n: int, seed: int, labeled: bool = True, **extra) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        item = {"image": torch.rand(1, 8, 8, generator=g), **extra}
+        if labeled:
+            item["label"] = torch.tensor([float(i % 2)])
+        items.append(item)
+    return items
+
+
+def _trainer(student, teacher, unlabeled, max_epochs=1, epoch_length=1, **kwargs) -> MeanTeacherTrainer:
+    return MeanTeacherTrainer(
+        teacher_network=teacher, unlabeled_data_loader=DataLoader(unlabeled, batch_size=4), device=torch.device("cpu"),
+        max_epochs=max_epochs, epoch_length=epoch_length, train_data_loader=DataLoader(_items(8, 0), batch_size=4),
+        network=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+        loss_function=torch.nn.BCEWithLogitsLoss(), decollate=False, **kwargs,
+    )
+
+
+def test_ema_update_blends_parameters_and_float_buffers():
+    teacher, student = _net(0), _net(1)
+    student[1].running_mean.fill_(2.0)
+    student[1].num_batches_tracked.fill_(7)
+    before = copy.deepcopy(teacher)
+    ema_update(teacher, student, 0.75)
+    for t, b, s in zip(teacher.parameters(), before.parameters(), student.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.75 * b + 0.25 * s)
+    torch.testing.assert_close(teacher[1].running_mean, 0.75 * before[1].running_mean + 0.25 * 2.0)
+    assert int(teacher[1].num_batches_tracked) == 7
+    ema_update(teacher, student, 0.0)  # α = 0: the teacher becomes the student
+    for t, s in zip(teacher.state_dict().values(), student.state_dict().values(), strict=True):
+        torch.testing.assert_close(t, s)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.0, 1.5])
+def test_ema_decay_outside_unit_interval_is_rejected(alpha):
+    with pytest.raises(ValueError, match=r"ema_decay .* must be in \[0, 1\)"):
+        check_ema_decay(alpha)
+    with pytest.raises(ValueError, match="ema_decay"):
+        _trainer(_net(), _net(), _items(4, 1, labeled=False), ema_decay=alpha)
+
+
+def test_sigmoid_rampup():
+    assert sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(10, 10) == 1.0 and sigmoid_rampup(25, 10) == 1.0 and sigmoid_rampup(3, 0) == 1.0
+    values = [sigmoid_rampup(i, 10) for i in range(11)]
+    assert values == sorted(values)
+
+
+def test_one_iteration_combines_the_losses_and_updates_the_teacher_as_an_ema():
+    student = _net(0)
+    teacher = copy.deepcopy(student)
+    trainer = _trainer(student, teacher, _items(6, 1, labeled=False), ema_decay=0.9, consistency_weight=2.0)
+    start = copy.deepcopy(student)
+    trainer.run()
+    out = trainer.state.output
+    assert out["consistency_weight"] == 2.0  # no ramp-up by default
+    expected = float(out["supervised_loss"]) + 2.0 * float(out["consistency_loss"])
+    assert float(out["loss"].detach()) == pytest.approx(expected)
+    # after one SGD step the teacher is 0.9 · its start (= the student's start) + 0.1 · the updated student
+    for t, s0, s1 in zip(teacher.parameters(), start.parameters(), student.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * s0 + 0.1 * s1)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_distillation_targets_are_the_sharpened_teacher_predictions():
+    student, teacher = _net(0), _net(1)
+    trainer = _trainer(student, teacher, _items(4, 1, labeled=False), aals_t=0.3, aals_a0=8.0)
+    probs = torch.tensor([[0.1], [0.35], [0.6], [0.99]])
+    targets, stats = trainer.sharpened_targets(probs, None)
+    torch.testing.assert_close(targets, aals(probs, 0.3, 8.0))
+    assert stats["aals_raised"] == pytest.approx(0.75)  # everything above t moves up
+    assert stats["aals_a"] == pytest.approx(float((8.0 - 7.0 * probs).mean()))
+    # a weak-positive mask limits sharpening to its entries; the rest keep the teacher's probability
+    mask = torch.tensor([[0.0], [1.0], [0.0], [0.0]])
+    targets, stats = trainer.sharpened_targets(probs, mask)
+    assert targets[1] > probs[1] and torch.equal(targets[[0, 2, 3]], probs[[0, 2, 3]])
+    assert stats["aals_raised"] == 1.0 and stats["aals_a"] == pytest.approx(8.0 - 7.0 * 0.35)
+
+
+def test_consistency_loss_pulls_the_student_to_the_teacher_with_the_ramp_up():
+    student = _net(0)
+    teacher = copy.deepcopy(student)
+    trainer = _trainer(student, teacher, _items(6, 1, labeled=False), max_epochs=3, epoch_length=5, rampup_epochs=3,
+                       aals_a0=1.0)
+    losses = Average(output_transform=lambda o: o["consistency_loss"])
+    losses.attach(trainer, "consistency_loss")
+    weight = Average(output_transform=lambda o: o["consistency_weight"])
+    weight.attach(trainer, "consistency_weight")
+    raised = Average(output_transform=lambda o: o["aals_raised"])
+    raised.attach(trainer, "aals_raised")
+    history = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: history.append(dict(e.state.metrics)))
+    trainer.run()  # 5 iterations an epoch: the 2-batch unlabeled loader is cycled
+    assert [h["consistency_weight"] for h in history] == sorted(h["consistency_weight"] for h in history)
+    assert history[0]["consistency_weight"] < 0.2
+    assert all(h["aals_raised"] == 0.0 for h in history)  # a0 = 1: no sharpening
+    # student and teacher start equal, so the first distillation loss is small but positive (different BN modes)
+    assert all(h["consistency_loss"] >= 0 for h in history)
+
+
+def test_empty_unlabeled_loader_is_a_clear_error():
+    trainer = _trainer(_net(), _net(), [])
+    with pytest.raises(ValueError, match="unlabeled data loader is empty"):
+        trainer.run()
+
+
+def test_evaluator_scores_student_and_teacher_and_keeps_the_better(tmp_path):
+    student, teacher = _net(0), _net(1)
+    data = DataLoader(_items(12, 3), batch_size=4)
+    evaluator = MeanTeacherEvaluator(
+        teacher_network=teacher, device=torch.device("cpu"), val_data_loader=data, network=student,
+        key_val_metric={"val_auroc": ROCAUC(output_transform=from_engine(["pred", "label"]))},
+        additional_metrics={"val_auroc_teacher": ROCAUC(output_transform=from_engine(["pred_teacher", "label"]))},
+    )
+    best = BestCheckpoint(str(tmp_path), student, "val_auroc", candidates={"val_auroc_teacher": teacher})
+    best.attach(evaluator)
+    evaluator.run()
+    metrics = evaluator.state.metrics
+    assert set(metrics) == {"val_auroc", "val_auroc_teacher"} and metrics["val_auroc"] != metrics["val_auroc_teacher"]
+    winner = teacher if metrics["val_auroc_teacher"] > metrics["val_auroc"] else student
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    for name, value in winner.state_dict().items():
+        torch.testing.assert_close(saved[name], value)
+    assert best.best_score == pytest.approx(max(metrics.values()))
+
+
+def test_best_checkpoint_switches_to_whichever_model_is_best(tmp_path):
+    a, b = _net(0), _net(1)
+    scores = iter([{"s": 0.6, "t": 0.5}, {"s": 0.55, "t": 0.7}, {"s": 0.65, "t": 0.6}])
+    engine = Engine(lambda e, batch: None)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(next(scores)))
+    best = BestCheckpoint(str(tmp_path), a, "s", candidates={"t": b})
+    best.attach(engine)
+    saved = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED,
+                             lambda e: saved.append(torch.load(tmp_path / "model.pt", weights_only=True)))
+    engine.run([0], max_epochs=3)
+    key = "5.weight"
+    assert torch.equal(saved[0][key], a.state_dict()[key])  # 0.6 by the student
+    assert torch.equal(saved[1][key], b.state_dict()[key])  # 0.7 by the teacher
+    assert torch.equal(saved[2][key], b.state_dict()[key])  # 0.65 < 0.7: unchanged
+    assert best.best_score == pytest.approx(0.7)
+
+
+def test_two_views_are_augmented_independently():
+    augment = Compose([RandFlipd("image", prob=0.5, spatial_axis=1), RandGaussianNoised("image", prob=1.0)])
+    item = {"image": torch.rand(1, 8, 8), "label": torch.tensor([1.0])}
+    views = TwoViewsd(augment).set_random_state(0)(item)
+    assert set(views) == {"image", "image_teacher", "label"}
+    assert not torch.equal(views["image"], views["image_teacher"])
+    again = TwoViewsd(augment).set_random_state(0)(item)
+    assert torch.equal(views["image"], again["image"]) and torch.equal(views["image_teacher"], again["image_teacher"])
+    single = TwoViewsd(augment, separate=False)(item)
+    assert "image_teacher" not in single
+
+
+def test_bernoulli_kl_is_zero_when_the_student_matches_the_targets():
+    targets = torch.tensor([[0.2], [0.9]])
+    assert float(BernoulliKLDivLoss()(torch.logit(targets), targets)) == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,143 @@
+"""The mean-teacher stage through ``python -m monai.bundle run`` (weak-positive set, MLflow per epoch, resume), its
+bad-input errors, the pipeline's ``method=mean_teacher`` and the AALS ablation command, on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+
+from monai_cxr_ssl import cli
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = cli.DEFAULT_BUNDLE / "configs"
+DEMO = cli.DEFAULT_BUNDLE.parents[1] / "configs" / "demo.json"
+
+
+def _bundle_run(files: list[str], settings: dict, **extra) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of the base config, the demo overlay, then the stage's overlay."""
+    base, *stage = files
+    paths = [str(CONFIGS / base), str(DEMO), *(str(CONFIGS / f) for f in stage)]
+    args = [f"--{k}={v}" for k, v in {**settings, **extra}.items()]
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(paths), *args],
+                          cwd=settings["output_dir"].parent, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from monai_cxr_ssl.data import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("mean_teacher")
+    data = make_synthetic_dataset(root / "data", n_train=80, n_test=30, image_size=48, prevalence=0.4, seed=2)
+    settings = {
+        "bundle_root": cli.DEFAULT_BUNDLE, "dataset_dir": data, "output_dir": root / "out",
+        "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment_name": "mean_teacher", "image_size": 40,
+        "crop_size": 32, "batch_size": 8, "labeled_fraction": 0.4, "num_workers": 0, "num_epochs": 1,
+    }
+    done = _bundle_run(["train.json"], settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, settings
+
+
+def _metric_history(settings: dict, run_name: str) -> dict[str, list[float]]:
+    client = mlflow.MlflowClient(tracking_uri=settings["tracking_uri"])
+    experiment = client.get_experiment_by_name(settings["experiment_name"]).experiment_id
+    (run,) = client.search_runs([experiment], filter_string=f"attributes.run_name = '{run_name}'")
+    history = {k: [m.value for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
+    return {"params": run.data.params, **history}
+
+
+def test_mean_teacher_stage_on_weak_positives_logs_per_epoch_and_resumes(teacher):
+    root, settings = teacher
+    split = json.loads((settings["output_dir"] / "split.json").read_text())
+    positives = [it["id"] for it in split["unlabeled"] if it["label"][0] > 0]
+    weak = root / "weak_positives.txt"
+    weak.write_text("\n".join(positives) + "\n")
+    common = {**settings, "weak_labels": weak, "ema_decay": 0.9}
+    del common["num_epochs"]
+    done = _bundle_run(["train.json", "mean_teacher.json"], common, mean_teacher_epochs=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    models = settings["output_dir"] / "mean_teacher" / "models"
+    last = torch.load(models / "last.pt", weights_only=False)
+    assert {"network", "teacher_network", "optimizer", "best_checkpoint", "trainer"} <= set(last)
+    assert last["trainer"]["iteration"] == 2 * last["trainer"]["epoch_length"]
+    best = torch.load(models / "model.pt", weights_only=True)
+    assert best.keys() == last["network"].keys()
+
+    logged = _metric_history(settings, "mean_teacher-lambda0.4-seed0")
+    for name in ("aals_mean_a", "aals_raised_fraction", "val_auroc", "val_auroc_teacher", "consistency_loss"):
+        assert len(logged[name]) == 2, name
+    assert all(1.0 <= a <= 4.0 for a in logged["aals_mean_a"])  # a = a0 − (a0 − 1)·y with a0 = 4
+    assert all(0.0 <= f <= 1.0 for f in logged["aals_raised_fraction"])
+    params = logged["params"]
+    assert params["num_unlabeled_used"] == str(len(positives)) and params["ema_decay"] == "0.9"
+    assert params["aals_t"] == "0.4" and params["aals_a0"] == "4.0" and params["weak_labels"] == str(weak)
+
+    resumed = _bundle_run(["train.json", "mean_teacher.json"], common, mean_teacher_epochs=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 2 of 3" in resumed.stdout + resumed.stderr
+    state = torch.load(models / "last.pt", weights_only=False)["trainer"]
+    assert state["iteration"] == 3 * state["epoch_length"]
+    assert len(_metric_history(settings, "mean_teacher-lambda0.4-seed0")["val_auroc_teacher"]) == 3
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("aals_t=1.5", "AALS centre t must be in (0, 1), got 1.5"),
+        ("aals_a0=0.5", "AALS strength a0 must be >= 1"),
+        ("ema_decay=1.0", "ema_decay (the teacher's EMA decay α) must be in [0, 1), got 1.0"),
+        ("weak_label_column=report", "missing column(s) ['report']"),
+    ],
+)
+def test_bad_settings_fail_with_a_clear_message(teacher, setting, message, capsys):
+    root, settings = teacher
+    unlabeled = json.loads((settings["output_dir"] / "split.json").read_text())["unlabeled"]
+    manifest = root / "weak.csv"
+    manifest.write_text(f"image,weak_label\n{unlabeled[0]['id']},1\n")
+    overrides = [f"{k}={v}" for k, v in {**settings, "weak_labels": manifest, "num_epochs": 1}.items()]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", "mean_teacher", "demo", "--set", *overrides, setting])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _cli(command: str, settings: dict, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "monai_cxr_ssl.cli", command, "demo", *extra, "--set",
+         *(f"{k}={v}" for k, v in settings.items())],
+        cwd=settings["output_dir"].parent, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def test_aals_ablation_then_the_mean_teacher_pipeline_share_the_teacher(teacher):
+    root, settings = teacher
+    settings = {**settings, "output_dir": root / "ablation"}
+    del settings["bundle_root"]
+    done = _cli("aals-ablation", settings, "--t", "0.4", "--a0", "1", "4")
+    table = (root / "ablation" / "ablation.md").read_text()
+    assert table in done.stdout and table.startswith("| t \\ a0 | 1 | 4 |")
+    row = next(line for line in table.splitlines() if line.startswith("| 0.4 |"))
+    assert "-" not in row.replace("| 0.4 |", "")  # both (0.4, 1) and (0.4, 4) ran
+
+    client = mlflow.MlflowClient(tracking_uri=settings["tracking_uri"])
+    experiment = client.get_experiment_by_name(settings["experiment_name"]).experiment_id
+    (parent,) = client.search_runs([experiment], filter_string="attributes.run_name = 'aals-ablation-lambda0.4-seed0'")
+    assert {"ablation.md", "ablation.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trained = {r.info.run_name: r.data.params.get("aals_a0") for r in children if "evaluate" not in r.info.run_name}
+    assert trained == {"teacher-lambda0.4-seed0": None, "mean_teacher_t0.4_a1-lambda0.4-seed0": "1.0",
+                       "mean_teacher_t0.4_a4-lambda0.4-seed0": "4.0"}
+
+    done = _cli("pipeline", {**settings, "method": "mean_teacher"})
+    assert "[1/4] teacher: done earlier with the same settings and inputs; skipped" in done.stdout
+    assert "| labeled | seeds | teacher | mean teacher |" in done.stdout
+    results = json.loads((root / "ablation" / "results.json").read_text())
+    assert results["method"] == "mean_teacher" and set(results["auroc"]) == {"teacher", "mean teacher"}
