@@ -112,14 +112,12 @@ def main() -> None:
     }
     print("settings:", json.dumps(common), flush=True)
     start = time.perf_counter()
-    ts = teacher_student(Path(args.table1_dir).resolve() if args.table1_dir else None)
-    rows, stats = [], []
+    aurocs, stats = {}, []
     for fraction in args.lambdas:
         out = base / f"lambda{fraction}-seed{args.seed}"
         results = Pipeline(OVERLAYS, {**common, "labeled_fraction": fraction, "output_dir": str(out)},
                            steps=steps(), name="mean-teacher-bench").run()
-        cells = [results["auroc"][MODELS[m]] for m in MODELS] + [ts.get(fraction)]
-        rows.append(f"| {fraction:.0%} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+        aurocs[fraction] = [results["auroc"][name] for name in MODELS.values()]
         stats.append(f"λ={fraction:g}: " + sharpening_stats(results, tracking_uri))
 
     imbalance = []
@@ -142,6 +140,9 @@ def main() -> None:
                 f"{point['specificity']:.3f} |"
             )
 
+    ts = teacher_student(Path(args.table1_dir).resolve() if args.table1_dir else None)
+    rows = [f"| {fraction:.0%} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in [*cells, ts.get(fraction)])
+            + " |" for fraction, cells in aurocs.items()]
     minutes = (time.perf_counter() - start) / 60
     print(f"\nmonai-cxr-ssl mean teacher on Kermany pneumonia ({minutes:.1f} min), test AUROC (ten-crop TTA):")
     print("| labeled | teacher | mean teacher a0=1 | mean teacher AALS | teacher-student (Table I student) |")

@@ -69,6 +69,23 @@ def cmd_aals_ablation(args: argparse.Namespace) -> None:
                       **values)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from monai_cxr_ssl.compare import run_compare
+
+    filters = {key: str(value) for key, value in parse_overrides(args.filter).items()}
+    if args.labeled_fraction is not None:
+        filters["params.labeled_fraction"] = str(args.labeled_fraction)
+    if args.image_size is not None:
+        filters["params.image_size"] = str(args.image_size)
+    result = run_compare(args.experiments, args.output_dir, filters, args.method, args.roc_lambda,
+                         tracking_uri=args.tracking_uri, log_summary=not args.no_summary)
+    _echo(f"{result['num_runs']} evaluation run(s); test AUROC, mean ± std over seeds (n = runs):")
+    _echo(result["markdown"])
+    _echo(f"written to {Path(args.output_dir).resolve()}: {', '.join(result['files'])}")
+    if result["summary_run_id"]:
+        _echo(f"logged to the MLflow summary run {result['summary_run_id']}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.data import make_synthetic_dataset
     from monai_cxr_ssl.pipeline import Pipeline
@@ -174,6 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--grid", action="store_true",
                           help="every (t, a0) pair instead of each t at a0=4 and each a0 at t=0.4")
     ablation.set_defaults(func=cmd_aals_ablation)
+
+    compare = sub.add_parser(
+        "compare",
+        help="Table I (mean ± std over seeds), CSV and plots from an experiment's MLflow runs, logged to a summary run",
+        description="Example: monai-cxr-ssl compare kermany_pneumonia --tracking-uri sqlite:///runs/sweep/mlflow.db "
+        "--method teacher_student --output-dir runs/compare",
+    )
+    compare.add_argument("experiments", nargs="+", help="MLflow experiment name(s)")
+    compare.add_argument("--tracking-uri", default=None,
+                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    compare.add_argument("--output-dir", default="compare", help="where the table and plots go (default: compare)")
+    compare.add_argument("--method", choices=["teacher_student", "mean_teacher"], help="keep one method's stages")
+    compare.add_argument("--labeled-fraction", type=float, default=None, help="keep one λ")
+    compare.add_argument("--image-size", type=int, default=None, help="keep one image size")
+    compare.add_argument("--filter", nargs="*", default=[], metavar="KEY=VALUE",
+                         help="more filters on params or tags (params.crop_size=224, tags.team=cxr)")
+    compare.add_argument("--roc-lambda", type=float, default=None,
+                         help="λ whose runs' ROC curves are overlaid (default: the smallest)")
+    compare.add_argument("--no-summary", action="store_true", help="do not log a summary run to MLflow")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -44,11 +44,13 @@ def teacher(tmp_path_factory):
     return root, settings
 
 
-def _metric_history(settings: dict, run_name: str) -> dict[str, list[float]]:
+def _metric_history(settings: dict, run_name: str) -> dict:
+    """Params and metric histories (epoch steps) of the newest MLflow run called ``run_name``."""
     client = mlflow.MlflowClient(tracking_uri=settings["tracking_uri"])
     experiment = client.get_experiment_by_name(settings["experiment_name"]).experiment_id
-    (run,) = client.search_runs([experiment], filter_string=f"attributes.run_name = '{run_name}'")
-    history = {k: [m.value for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
+    run = client.search_runs([experiment], filter_string=f"attributes.run_name = '{run_name}'",
+                             order_by=["attributes.start_time DESC"])[0]
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
     return {"params": run.data.params, **history}
 
 
@@ -71,9 +73,9 @@ def test_mean_teacher_stage_on_weak_positives_logs_per_epoch_and_resumes(teacher
 
     logged = _metric_history(settings, "mean_teacher-lambda0.4-seed0")
     for name in ("aals_mean_a", "aals_raised_fraction", "val_auroc", "val_auroc_teacher", "consistency_loss"):
-        assert len(logged[name]) == 2, name
-    assert all(1.0 <= a <= 4.0 for a in logged["aals_mean_a"])  # a = a0 − (a0 − 1)·y with a0 = 4
-    assert all(0.0 <= f <= 1.0 for f in logged["aals_raised_fraction"])
+        assert [step for step, _ in logged[name]] == [1, 2], name
+    assert all(1.0 <= a <= 4.0 for _, a in logged["aals_mean_a"])  # a = a0 − (a0 − 1)·y with a0 = 4
+    assert all(0.0 <= f <= 1.0 for _, f in logged["aals_raised_fraction"])
     params = logged["params"]
     assert params["num_unlabeled_used"] == str(len(positives)) and params["ema_decay"] == "0.9"
     assert params["aals_t"] == "0.4" and params["aals_a0"] == "4.0" and params["weak_labels"] == str(weak)
@@ -83,7 +85,8 @@ def test_mean_teacher_stage_on_weak_positives_logs_per_epoch_and_resumes(teacher
     assert "after epoch 2 of 3" in resumed.stdout + resumed.stderr
     state = torch.load(models / "last.pt", weights_only=False)["trainer"]
     assert state["iteration"] == 3 * state["epoch_length"]
-    assert len(_metric_history(settings, "mean_teacher-lambda0.4-seed0")["val_auroc_teacher"]) == 3
+    # a plain bundle run that continues finished training logs the new epoch to a new MLflow run
+    assert [step for step, _ in _metric_history(settings, "mean_teacher-lambda0.4-seed0")["val_auroc_teacher"]] == [3]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,151 @@
+"""``monai-cxr-ssl compare``: Table I, CSV, plots and the summary run from real MLflow stores — a local SQLite
+store and an ``mlflow server`` started on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+
+from monai_cxr_ssl.compare import column_of, run_compare
+
+AUROC = {  # (stage, λ, seed) -> test AUROC
+    ("teacher", 0.05, 0): 0.70, ("teacher", 0.05, 1): 0.74, ("finetune", 0.05, 0): 0.80, ("finetune", 0.05, 1): 0.82,
+    ("student", 0.05, 0): 0.72, ("teacher", 0.2, 0): 0.85, ("finetune", 0.2, 0): 0.88,
+    ("mean_teacher", 0.05, 0): 0.78,
+}
+
+
+def log_evaluations(client: mlflow.MlflowClient, experiment: str, tmp_path, auroc=AUROC, classes=("A",)) -> None:
+    """Evaluation runs as the bundle's evaluate config logs them (params, test metrics, predictions artifact)."""
+    rng = np.random.default_rng(0)
+    for (stage, fraction, seed), value in auroc.items():
+        run = client.create_run(experiment, run_name=f"{stage}-lambda{fraction}-seed{seed}-evaluate").info.run_id
+        for key, param in {"stage": stage, "labeled_fraction": fraction, "seed": seed, "eval_split": "test",
+                           "image_size": 64, "dataset_fingerprint": "abc"}.items():
+            client.log_param(run, key, param)
+        client.log_metric(run, "test_mean_auroc", value)
+        for k, name in enumerate(classes):
+            client.log_metric(run, f"test_auroc_{name}", value - 0.01 * k)
+        labels = rng.integers(0, 2, size=(40, len(classes))).astype(np.float32)
+        path = tmp_path / "test_predictions.npz"
+        np.savez(path, labels=labels, probs=np.clip(labels * value + rng.random(labels.shape) * 0.5, 0, 1))
+        client.log_artifact(run, str(path))
+        client.set_terminated(run)
+
+
+def test_column_names_follow_table1():
+    assert [column_of(s) for s in ("teacher", "student", "finetune", "student_r2", "finetune_r2", "mean_teacher",
+                                   "mean_teacher_t0.4_a4")] == [
+        "teacher", "intermediate", "student", "intermediate r2", "student r2", "mean teacher", "mean_teacher_t0.4_a4"]
+
+
+def test_compare_on_a_sqlite_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("cxr", artifact_location=(tmp_path / "artifacts").as_uri())
+    log_evaluations(client, experiment, tmp_path)
+    # a superseded (killed) evaluation and an older duplicate must not count
+    killed = client.create_run(experiment, run_name="teacher-lambda0.05-seed0-evaluate-superseded").info.run_id
+    for key, param in {"stage": "teacher", "labeled_fraction": 0.05, "seed": 0, "eval_split": "test"}.items():
+        client.log_param(killed, key, param)
+    client.log_metric(killed, "test_mean_auroc", 0.1)
+    client.set_terminated(killed, "KILLED")
+
+    result = run_compare(["cxr"], tmp_path / "out", tracking_uri=uri)
+    low = result["rows"][0]
+    assert low["labeled_fraction"] == 0.05 and low["teacher"]["n"] == 2
+    assert low["teacher"]["mean"] == pytest.approx(0.72) and low["teacher"]["std"] == pytest.approx(0.0282842712)
+    assert low["student"]["mean"] == pytest.approx(0.81) and low["intermediate"]["n"] == 1
+    assert result["rows"][1]["intermediate"] is None and result["num_runs"] == len(AUROC)
+    assert result["markdown"].splitlines()[0] == "| labeled | teacher | intermediate | student | mean teacher |"
+    assert "| 5% | 0.720 ± 0.028 (n=2) | 0.720 ± 0.000 (n=1) | 0.810 ± 0.014 (n=2) | 0.780 ± 0.000 (n=1) |" in \
+        result["markdown"]
+    csv_lines = (tmp_path / "out" / "comparison.csv").read_text().splitlines()
+    assert csv_lines[0] == "labeled_fraction,column,mean_auroc,std_auroc,runs,seeds"
+    assert "0.05,teacher,0.720000,0.028284,2,0 1" in csv_lines
+    for name in ("auroc_vs_lambda.png", "roc.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+    summary = client.get_run(result["summary_run_id"])
+    artifacts = {a.path for a in client.list_artifacts(result["summary_run_id"])}
+    assert {"comparison.md", "comparison.csv", "auroc_vs_lambda.png", "roc.png"} <= artifacts
+    assert summary.data.params["num_runs"] == str(len(AUROC))
+
+    # filters: one method, one λ; a summary run never counts as an evaluation
+    mean_teacher = run_compare(["cxr"], tmp_path / "mt", method="mean_teacher", tracking_uri=uri, log_summary=False)
+    assert set(mean_teacher["rows"][0]) == {"labeled_fraction", "teacher", "mean teacher"}
+    only = run_compare(["cxr"], tmp_path / "l2", {"params.labeled_fraction": "0.2"}, tracking_uri=uri,
+                       log_summary=False)
+    assert [r["labeled_fraction"] for r in only["rows"]] == [0.2]
+    with pytest.raises(ValueError, match="no finished test evaluations"):
+        run_compare(["cxr"], tmp_path / "none", {"image_size": "512"}, tracking_uri=uri)
+    with pytest.raises(ValueError, match=r"experiment\(s\) \['nope'\] not found"):
+        run_compare(["nope"], tmp_path / "none", tracking_uri=uri)
+
+
+def test_per_class_bars_for_multilabel_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("cxr14", artifact_location=(tmp_path / "artifacts").as_uri())
+    log_evaluations(client, experiment, tmp_path, {("teacher", 0.1, 0): 0.7, ("finetune", 0.1, 0): 0.75},
+                    classes=("Effusion", "Mass", "Nodule"))
+    result = run_compare(["cxr14"], tmp_path / "out", tracking_uri=uri, log_summary=False)
+    assert "per_class_auroc.png" in result["files"]
+    assert (tmp_path / "out" / "per_class_auroc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail("mlflow server did not start on loopback")
+            time.sleep(0.5)
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_compare_command_against_an_mlflow_server(mlflow_server, tmp_path):
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.create_experiment("cxr")
+    log_evaluations(client, experiment, tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    done = subprocess.run(
+        [sys.executable, "-m", "monai_cxr_ssl.cli", "compare", "cxr", "--method", "teacher_student",
+         "--output-dir", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 5% | 0.720 ± 0.028 (n=2) | 0.720 ± 0.000 (n=1) | 0.810 ± 0.014 (n=2) |" in done.stdout
+    assert "mean teacher" not in done.stdout
+    summaries = client.search_runs([experiment], "attributes.run_name = 'compare'")
+    assert len(summaries) == 1
+    assert "roc.png" in {a.path for a in client.list_artifacts(summaries[0].info.run_id)}
