@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "config overrides, e.g. num_epochs=5")
     run.set_defaults(func=cmd_run)
 
+    overlays_help = "overlays for every stage (configs/ names or files)"
     stage_help = (
         "config overrides for every stage (num_epochs=2) or one kind of stage (student:num_epochs=3; kinds: teacher, "
         "pseudo_label, student, finetune, mean_teacher, evaluate); method=mean_teacher for mean-teacher "
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Example: monai-cxr-ssl pipeline kermany cpu_small --set output_dir=runs/k labeled_fraction=0.05 "
         "[method=mean_teacher]",
     )
-    _config_arguments(pipe, "*", "overlays for every stage (configs/ names or files)", stage_help)
+    _config_arguments(pipe, "*", overlays_help, stage_help)
     pipe.set_defaults(func=cmd_pipeline)
 
     sweep = sub.add_parser(
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Example: monai-cxr-ssl sweep kermany cpu_small --lambdas 0.02 0.05 0.1 --seeds 0 1 "
         "--set output_dir=runs/sweep",
     )
-    _config_arguments(sweep, "*", "overlays for every stage (configs/ names or files)", stage_help)
+    _config_arguments(sweep, "*", overlays_help, stage_help)
     sweep.add_argument("--lambdas", type=float, nargs="+", required=True, help="labeled fractions λ, in (0, 1]")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="split and training seeds (default: 0)")
     sweep.set_defaults(func=cmd_sweep)
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Example: monai-cxr-ssl aals-ablation kermany cpu_small --set output_dir=runs/aals "
         "labeled_fraction=0.05",
     )
-    _config_arguments(ablation, "*", "overlays for every stage (configs/ names or files)", stage_help)
+    _config_arguments(ablation, "*", overlays_help, stage_help)
     ablation.add_argument("--t", type=float, nargs="+", help="AALS centres t (default: the paper's 0.2 0.3 0.4 0.5)")
     ablation.add_argument("--a0", type=float, nargs="+", help="AALS strengths a0 (default: the paper's 1 4 8 16)")
     ablation.add_argument("--grid", action="store_true",

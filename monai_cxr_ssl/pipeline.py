@@ -189,7 +189,7 @@ class Pipeline:
         parent_run_id: an MLflow run (a sweep's) to nest this pipeline's run under.
         echo: where progress lines go.
         steps: run these steps instead of the method's (the AALS ablation's variants).
-        name: the MLflow run-name stem of the pipeline's run.
+        name: the MLflow run-name stem of the pipeline's run (and, with ``steps``, its method tag).
     """
 
     def __init__(
@@ -209,7 +209,8 @@ class Pipeline:
         self.echo = echo
         parser = make_workflow(["train", *self.overlays], bundle, **self.common).parser
         self.rounds = parser.get("rounds", 1)
-        self.method = parser.get("method", "teacher_student")
+        # custom steps (the AALS ablation, benchmarks) are recorded under the pipeline's name as their method
+        self.method = parser.get("method", "teacher_student") if steps is None else name
         self.steps = list(steps) if steps is not None else plan(self.rounds, self.method)
         self.output_dir = Path(parser.get_parsed_content("output_dir"))
         self.split_file = Path(parser.get_parsed_content("split_file"))
