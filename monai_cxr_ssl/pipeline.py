@@ -326,12 +326,17 @@ class Pipeline:
         with atomic_write(self.output_dir / "table1.md") as f:
             f.write(table)
         for col, value in auroc.items():
-            client.log_metric(parent, "test_auroc_" + col.replace(" ", "_"), value)
+            client.log_metric(parent, metric_name("test_auroc_" + col), value)
         client.log_artifact(parent, str(self.output_dir / "results.json"))
         client.log_artifact(parent, str(self.output_dir / "table1.md"))
         client.set_terminated(parent, "FINISHED")
         self.echo(f"\nTable I (test AUROC, ten-crop TTA) for {self.run_name}:\n{table}")
         return results
+
+
+def metric_name(text: str) -> str:
+    """``text`` as an MLflow metric key: characters MLflow refuses (``=``, ``%``, ...) and spaces become ``_``."""
+    return re.sub(r"[^\w\-./:]", "_", text)
 
 
 def run_sweep(

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from monai_cxr_ssl.pipeline import plan, split_overrides, used_config
+from monai_cxr_ssl.pipeline import metric_name, plan, split_overrides, used_config
 from monai_cxr_ssl.results import format_table1, table1
 from monai_cxr_ssl.workflow import make_workflow
 
@@ -60,6 +60,15 @@ def test_aals_ablation_settings():
     table = format_ablation({"teacher": 0.8, "t0.2_a4": 0.81, "t0.4_a1": 0.79, "t0.4_a4": 0.83},
                             [(0.2, 4.0), (0.4, 1.0), (0.4, 4.0)])
     assert "| 0.2 | - | 0.810 |" in table and "| 0.4 | 0.790 | 0.830 |" in table and "teacher" in table
+
+
+def test_column_names_become_valid_mlflow_metric_keys(tmp_path):
+    key = metric_name("test_auroc_mean teacher a0=1 (10%)")
+    assert key == "test_auroc_mean_teacher_a0_1__10__"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("keys")).info.run_id
+    client.log_metric(run, key, 0.5)  # MLflow refuses "=", "(" and "%"
+    assert client.get_run(run).data.metrics == {key: 0.5}
 
 
 def test_split_overrides():
