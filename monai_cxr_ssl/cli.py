@@ -86,6 +86,27 @@ def cmd_compare(args: argparse.Namespace) -> None:
         _echo(f"logged to the MLflow summary run {result['summary_run_id']}")
 
 
+def _threshold(text: str) -> float | str:
+    if text == "youden":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number in [0, 1] nor 'youden'") from None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from monai_cxr_ssl.export import export_model
+
+    meta = export_model(args.path, args.output, args.threshold, args.configs, parse_overrides(args.set), args.bundle)
+    info = meta["cxr_ssl"]
+    thresholds = ", ".join(f"{name} {value:.3f}" for name, value in info["thresholds"].items())
+    _echo(f"exported stage {info['stage']} ({info.get('method', 'method not recorded')}) to {Path(args.output)}")
+    _echo(f"  input 1x{info['crop_size']}x{info['crop_size']} in [0, 1] after resizing to {info['image_size']}, "
+          f"ten crops; output: probabilities of {', '.join(info['classes'])}")
+    _echo(f"  thresholds ({info['thresholds_source']}): {thresholds}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.data import make_synthetic_dataset
     from monai_cxr_ssl.pipeline import Pipeline
@@ -212,6 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="λ whose runs' ROC curves are overlaid (default: the smallest)")
     compare.add_argument("--no-summary", action="store_true", help="do not log a summary run to MLflow")
     compare.set_defaults(func=cmd_compare)
+
+    export = sub.add_parser(
+        "export",
+        help="TorchScript of a trained model with the bundle metadata embedded (for MONAI Deploy)",
+        description="Example: monai-cxr-ssl export runs/kermany/lambda0.05-seed0 -o model.ts. A pipeline folder "
+        "exports its final model (the last trained stage); a stage folder exports that stage's best checkpoint.",
+    )
+    export.add_argument("path", help="pipeline output folder (results.json) or stage folder (config_executed.json)")
+    export.add_argument("-o", "--output", default="model.ts", help="TorchScript file to write (default: model.ts)")
+    export.add_argument("--threshold", type=_threshold, default=None,
+                        help="decision threshold of every class, or 'youden' (per class, on the stage's "
+                        "validation_predictions.npz); default: youden when those predictions exist, else 0.5")
+    export.add_argument("--configs", nargs="*", default=None,
+                        help="configs the stage was trained with, when it was run by python -m monai.bundle run "
+                        "(no config_executed.json); names as for run")
+    export.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides the stage was trained with (with --configs)")
+    export.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

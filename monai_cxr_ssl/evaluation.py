@@ -69,6 +69,15 @@ def plot_roc_curves(
     plt.close(fig)
 
 
+def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The probability threshold that maximises Youden's J (sensitivity + specificity − 1) for one class."""
+    labels, probs = np.asarray(labels, dtype=np.float64).ravel(), np.asarray(probs, dtype=np.float64).ravel()
+    if len(np.unique(labels)) < 2:
+        raise ValueError("a Youden threshold needs positive and negative images; these labels hold one class only.")
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    return float(min(thresholds[int(np.argmax(tpr - fpr))], 1.0))
+
+
 def operating_point(
     val_labels: np.ndarray, val_probs: np.ndarray, test_labels: np.ndarray, test_probs: np.ndarray
 ) -> dict[str, float]:
@@ -78,9 +87,7 @@ def operating_point(
                                                       (val_labels, val_probs, test_labels, test_probs))
     if len(np.unique(val_labels)) < 2 or len(np.unique(test_labels)) < 2:
         raise ValueError("an operating point needs positive and negative images in both validation and test data.")
-    fpr, tpr, thresholds = roc_curve(val_labels, val_probs)
-    best = int(np.argmax(tpr - fpr))
-    threshold = float(min(thresholds[best], 1.0))
+    threshold = youden_threshold(val_labels, val_probs)
     predicted = test_probs >= threshold
     positive = test_labels > 0
     return {

@@ -167,7 +167,8 @@ def test_verify_export_and_inference(workspace, tmp_path):
     exported = tmp_path / "model.ts"
     export = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
-         "--ckpt_file", str(ckpt), "--meta_file", str(meta), "--config_file", str(inference)],
+         "--ckpt_file", str(ckpt), "--meta_file", str(meta), "--config_file", str(inference),
+         "--network_def#probabilities", "True"],  # the metadata promises probabilities: export with the sigmoid
         capture_output=True, text=True, timeout=300,
     )
     assert export.returncode == 0, export.stderr[-3000:]
@@ -182,7 +183,7 @@ def test_verify_export_and_inference(workspace, tmp_path):
     net.eval()
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), net(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(scripted(x), torch.sigmoid(net(x)), atol=1e-5, rtol=1e-4)
 
     images = root / "data" / "test"
     run = subprocess.run(
@@ -195,3 +196,114 @@ def test_verify_export_and_inference(workspace, tmp_path):
     assert len(rows) == len(list(images.rglob("*.png")))
     probs = [float(r.split(",")[1]) for r in rows]
     assert all(0.0 <= p <= 1.0 for p in probs) and len(set(probs)) > 1
+
+
+def _trained_stage(workspace) -> tuple[Path, list[str]]:
+    """The stage trained by ``python -m monai.bundle run`` above, and the ``export`` arguments naming its configs."""
+    root, common = workspace
+    stage = root / "out" / "teacher"
+    if not (stage / "models" / "model.pt").exists():
+        pytest.skip("needs the trained checkpoint of test_train_is_killed_then_resumes")
+    settings = [f"{key}={common[key]}" for key in ("dataset_dir", "output_dir", "image_size", "crop_size")]
+    return stage, ["--configs", "train", "demo", "--set", *settings]
+
+
+def test_export_gives_the_checkpoint_probabilities_on_real_images(workspace, tmp_path, shared_data, capsys):
+    """``monai-cxr-ssl export``: TorchScript with the specialised metadata; on real chest X-rays the exported model
+    gives the checkpoint's ten-crop probabilities (tolerance 1e-5 absolute: the same float32 kernels, scripted)."""
+    from monai.bundle import verify_net_in_out
+    from monai.data import load_net_with_metadata
+    from monai.transforms import Compose, Resized
+
+    from monai_cxr_ssl.cli import main
+    from monai_cxr_ssl.data import LoadCXRImaged
+    from monai_cxr_ssl.export import EXPORT_OVERRIDES
+    from monai_cxr_ssl.inferers import ten_crop_probabilities
+    from monai_cxr_ssl.networks import CXRDenseNet121
+    from monai_cxr_ssl.transforms.tencrop import ten_crop
+
+    stage, configs = _trained_stage(workspace)
+    exported = tmp_path / "export" / "model.ts"
+    with pytest.raises(SystemExit):  # a plain monai.bundle run records no config: export asks for it
+        main(["export", str(stage), "-o", str(exported)])
+    assert "--configs train" in capsys.readouterr().err and not exported.parent.exists()
+    main(["export", str(stage), "-o", str(exported), *configs])
+    assert [p.name for p in exported.parent.iterdir()] == ["model.ts"]  # no temporary files left
+
+    scripted, meta, extra = load_net_with_metadata(str(exported), more_extra_files=["config_executed.json"])
+    split = json.loads((stage.parent / "split.json").read_text())
+    info = meta["cxr_ssl"]
+    assert info["classes"] == split["classes"] and info["stage"] == "teacher"
+    assert (info["image_size"], info["crop_size"]) == (TINY["image_size"], TINY["crop_size"])
+    assert info["thresholds"] == dict.fromkeys(split["classes"], 0.5) and info["thresholds_source"] == "fixed"
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["channel_def"] == {str(k): c for k, c in enumerate(split["classes"])}
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [TINY["crop_size"]] * 2
+    # The embedded metadata and config pass MONAI's own check.
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    (tmp_path / "config.json").write_bytes(extra["config_executed.json"])
+    verify_net_in_out(net_id="network_def", meta_file=str(tmp_path / "metadata.json"),
+                      config_file=str(tmp_path / "config.json"), **EXPORT_OVERRIDES)
+
+    images = sorted((shared_data / "kermany_pneumonia" / "test" / "NORMAL").glob("*.jpeg"))[:3] + sorted(
+        (shared_data / "kermany_pneumonia" / "test" / "PNEUMONIA").glob("*.jpeg"))[:3]
+    load = Compose([LoadCXRImaged("image"), Resized("image", [info["image_size"]] * 2, mode="area")])
+    x = torch.stack([torch.as_tensor(load({"image": p})["image"]) for p in images])
+    net = CXRDenseNet121(num_classes=len(info["classes"]))
+    net.load_state_dict(torch.load(stage / "models" / "model.pt", weights_only=True))
+    net.eval()
+    with torch.no_grad():
+        expected = ten_crop_probabilities(x, net, info["crop_size"])
+        crops = ten_crop(x, info["crop_size"])
+        got = scripted(crops.reshape(-1, *crops.shape[2:])).reshape(10, len(images), -1).mean(dim=0)
+    assert expected.std() > 0  # distinct images give distinct probabilities: the comparison is not vacuous
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_export_thresholds_final_stage_and_bad_input(workspace, tmp_path):
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    from monai_cxr_ssl.cli import parse_overrides
+    from monai_cxr_ssl.export import export_model, final_stage_dir, stage_config
+
+    stage, configs = _trained_stage(workspace)
+    # Youden thresholds from the stage's validation predictions: no other threshold has a larger J.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    probs = np.clip(0.3 * labels + rng.uniform(0, 0.7, 200), 0, 1)
+    copy = tmp_path / "teacher"
+    (copy / "models").mkdir(parents=True)
+    (copy / "models" / "model.pt").write_bytes((stage / "models" / "model.pt").read_bytes())
+    config = stage_config(stage, configs[1:3], parse_overrides(configs[4:]))
+    (copy / "config_executed.json").write_text(json.dumps(config))  # as monai-cxr-ssl run records it
+    np.savez(copy / "validation_predictions.npz", labels=labels[:, None], probs=probs[:, None])
+    meta = export_model(copy, tmp_path / "youden.ts")
+    (name,) = meta["cxr_ssl"]["classes"]
+    chosen = meta["cxr_ssl"]["thresholds"][name]
+    assert meta["cxr_ssl"]["thresholds_source"].startswith("youden")
+    def youden_j(t: float) -> float:
+        predicted = probs >= t
+        return predicted[labels == 1].mean() - predicted[labels == 0].mean()
+
+    assert youden_j(chosen) == pytest.approx(max(youden_j(t) for t in roc_curve(labels, probs)[2]))
+    assert export_model(copy, tmp_path / "fixed.ts", threshold=0.3)["cxr_ssl"]["thresholds"] == {name: 0.3}
+
+    # A pipeline folder exports its last trained stage.
+    pipeline = tmp_path / "pipeline"
+    runs = {"teacher": "a", "teacher/evaluate": "b", "student": "c", "finetune": "d", "finetune/evaluate": "e"}
+    for step in ("teacher", "student", "finetune"):
+        (pipeline / step / "models").mkdir(parents=True)
+        (pipeline / step / "models" / "model.pt").touch()
+    (pipeline / "results.json").write_text(json.dumps({"method": "teacher_student", "runs": runs}))
+    assert final_stage_dir(pipeline) == (
+        pipeline / "finetune", {"stage": "finetune", "method": "teacher_student", "source_run_id": "d"})
+
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+        export_model(copy, tmp_path / "bad.ts", threshold=1.5)
+    (copy / "validation_predictions.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="eval_split=validation"):
+        export_model(copy, tmp_path / "bad.ts", threshold="youden")
+    with pytest.raises(FileNotFoundError, match="neither a pipeline output folder"):
+        export_model(tmp_path, tmp_path / "bad.ts")
+    assert not list(tmp_path.glob("bad.ts*")) and not list(tmp_path.glob(".bad.ts*"))

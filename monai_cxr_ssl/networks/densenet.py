@@ -119,6 +119,9 @@ class CXRDenseNet121(DenseNet121):
         in_channels: number of image channels (1 for grey chest X-rays).
         pretrained_weights: path of a local torchvision DenseNet121 ImageNet state dict, or None for random init.
             MONAI's ``pretrained=True`` (a download) is refused.
+        probabilities: end with a sigmoid, so the network returns per-class probabilities instead of logits. The
+            sigmoid has no parameters: a checkpoint loads either way. Exported models use it, so that a deployed
+            TorchScript file gives what its metadata promises.
         kwargs: further :class:`monai.networks.nets.DenseNet` arguments, e.g. ``dropout_prob``.
     """
 
@@ -127,6 +130,7 @@ class CXRDenseNet121(DenseNet121):
         num_classes: int = 1,
         in_channels: int = 1,
         pretrained_weights: str | os.PathLike | None = None,
+        probabilities: bool = False,
         **kwargs: Any,
     ) -> None:
         if kwargs.pop("pretrained", False):
@@ -137,3 +141,5 @@ class CXRDenseNet121(DenseNet121):
         super().__init__(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, **kwargs)
         if pretrained_weights is not None:
             load_imagenet_weights(self, pretrained_weights)
+        if probabilities:
+            self.class_layers.add_module("sigmoid", nn.Sigmoid())
