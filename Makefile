@@ -16,8 +16,9 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
+# The test suite covers the MONAI Deploy app, so it installs the deploy extra too.
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,deploy]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -61,3 +61,19 @@ def test_bad_settings_fail_before_training(data, tmp_path, setting, message):
     assert done.returncode == 2
     assert message in done.stderr.splitlines()[-1]
     assert not (out / "teacher" / "models").exists()  # nothing trained, nothing half-written
+
+
+def test_only_the_deploy_app_imports_the_monai_deploy_sdk():
+    """The base package must work without the deploy extra: no module outside monai_cxr_ssl/deploy imports it."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "monai_cxr_ssl"
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name == "monai.deploy" or name.startswith("monai.deploy.") for name in names):
+                importers.add(path.relative_to(package).parts[0])
+    assert importers == {"deploy"}

@@ -8,7 +8,14 @@ from monai_cxr_ssl.data.datasets import (
     SourceData,
     find_images,
 )
-from monai_cxr_ssl.data.readers import ImageReadError, LoadCXRImage, LoadCXRImaged, check_image, read_cxr
+from monai_cxr_ssl.data.readers import (
+    ImageReadError,
+    LoadCXRImage,
+    LoadCXRImaged,
+    check_image,
+    dicom_to_image,
+    read_cxr,
+)
 from monai_cxr_ssl.data.splits import fingerprint, load_split, make_split, prepare_split, subsample
 from monai_cxr_ssl.data.synthetic import make_synthetic_dataset
 from monai_cxr_ssl.data.weak_labels import load_weak_labels, unlabeled_datalist
@@ -23,6 +30,7 @@ __all__ = [
     "LoadCXRImaged",
     "SourceData",
     "check_image",
+    "dicom_to_image",
     "find_images",
     "fingerprint",
     "load_split",

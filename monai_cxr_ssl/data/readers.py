@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-__all__ = ["ImageReadError", "read_cxr", "check_image", "LoadCXRImage", "LoadCXRImaged"]
+__all__ = ["ImageReadError", "read_cxr", "dicom_to_image", "check_image", "LoadCXRImage", "LoadCXRImaged"]
 
 _PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -150,15 +150,31 @@ def _monochrome_to_unit(raw: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return _to_unit(arr, low, high)
 
 
-def _read_dicom(path: Path) -> np.ndarray:
-    ds = pydicom.dcmread(path, force=True)
+def dicom_to_image(ds: pydicom.Dataset, source: str | os.PathLike) -> np.ndarray:
+    """The float32 ``(H, W)`` image in [0, 1] of a DICOM dataset already in memory, as ``read_cxr`` reads files.
+
+    For callers that receive parsed datasets (the MONAI Deploy app's DICOM loader), so that they see exactly the
+    bundle's intensities; ``source`` names the file in errors.
+
+    Raises:
+        ImageReadError: no pixel data, several frames, an unsupported photometric interpretation, or pixel data
+            that does not decode.
+    """
+    path = Path(source)
     _check_dicom_header(ds, path)
     _transfer_syntax(ds)
-    raw = ds.pixel_array
+    try:
+        raw = ds.pixel_array
+    except Exception as err:  # decoders fail in many ways; all mean this file cannot be used
+        raise _error(path, f"the DICOM pixel data does not decode ({type(err).__name__}: {err})") from err
     if raw.ndim == 3:  # colour, which pydicom has already converted to RGB
         return _to_unit(raw[..., :3] @ _LUMA, 0, 2 ** int(ds.BitsStored) - 1)
     unit = _monochrome_to_unit(raw, ds)
     return 1.0 - unit if ds.PhotometricInterpretation == "MONOCHROME1" else unit
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    return dicom_to_image(pydicom.dcmread(path, force=True), path)
 
 
 def _check_nifti_shape(shape: tuple[int, ...], path: Path) -> None:
