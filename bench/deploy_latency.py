@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pydicom
 import torch
+from filter_speed import median_time  # a sibling script: bench/ is on sys.path when run as bench/<script>.py
 from monai.data import save_net_with_metadata
 
 from monai_cxr_ssl.data import dicom_to_image
@@ -47,12 +48,7 @@ def random_model(path: Path, image_size: int, crop_size: int) -> Path:
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``repeats`` calls after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_time(fn, repeats)
 
 
 def main_bench() -> None:

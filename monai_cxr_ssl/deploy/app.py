@@ -132,7 +132,7 @@ def _publish(staging: Path, output_folder: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the app on ``-i/-o/-m`` (or HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH / HOLOSCAN_MODEL_PATH)."""
-    os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
+    os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "CRITICAL")  # Python errors still reach the user, once
     context = Application.init_app_context(list(sys.argv if argv is None else argv))
     input_folder, output_folder = Path(context.input_path), Path(context.output_path)
     staging = output_folder / f".partial-{uuid.uuid4().hex}"
