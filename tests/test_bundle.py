@@ -116,6 +116,15 @@ def test_train_is_killed_then_resumes(workspace):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "split.json" in artifacts
 
+    # Every epoch is seeded from (seed, epoch): the resumed run ends with the weights of one never interrupted.
+    straight = {**common, "output_dir": root / "straight", "experiment_name": "bundle_test_straight"}
+    done = subprocess.run(_train_cmd(straight, num_epochs), cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    expected = torch.load(root / "straight" / "teacher" / "models" / "last.pt", weights_only=True)["network"]
+    got = torch.load(last, weights_only=True)["network"]
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+
 
 def test_evaluate_ten_crop_report(workspace):
     root, common = workspace

@@ -85,6 +85,18 @@ def test_mean_teacher_stage_on_weak_positives_logs_per_epoch_and_resumes(teacher
     assert "after epoch 2 of 3" in resumed.stdout + resumed.stderr
     state = torch.load(models / "last.pt", weights_only=False)["trainer"]
     assert state["iteration"] == 3 * state["epoch_length"]
+    # Every epoch is seeded from (seed, epoch): 2 epochs then a third end where 3 epochs in one go do.
+    teacher_ckpt = settings["output_dir"] / "teacher" / "models" / "model.pt"
+    straight = {**common, "output_dir": root / "straight", "experiment_name": "mean_teacher_straight",
+                "init_ckpt": teacher_ckpt}
+    (root / "straight").mkdir()
+    done = _bundle_run(["train.json", "mean_teacher.json"], straight, mean_teacher_epochs=3)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = torch.load(root / "straight" / "mean_teacher" / "models" / "last.pt", weights_only=False)
+    got = torch.load(models / "last.pt", weights_only=False)
+    for net in ("network", "teacher_network"):
+        for name, value in expected[net].items():
+            torch.testing.assert_close(got[net][name], value, rtol=0, atol=0, msg=f"{net}.{name}")
     # a plain bundle run that continues finished training logs the new epoch to a new MLflow run
     assert [step for step, _ in _metric_history(settings, "mean_teacher-lambda0.4-seed0")["val_auroc_teacher"]] == [3]
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.networks.utils import eval_mode
@@ -69,7 +70,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
         teacher_network: the teacher, updated as the EMA of ``network`` after every optimizer step; initialise both
             from the same supervised checkpoint.
         unlabeled_data_loader: batches with ``"image"`` (the student's view), optionally ``"image_teacher"`` (the
-            teacher's, separately augmented) and ``"sharpen"`` (where AALS applies); cycled as long as needed.
+            teacher's, separately augmented) and ``"sharpen"`` (where AALS applies); read from the start every epoch
+            and cycled when the epoch is longer, so that an epoch's batches do not depend on the epochs before.
         ema_decay: α in [0, 1); the paper's 0.999.
         consistency_weight: the weight of the distillation term after ramp-up.
         rampup_epochs: epochs over which the weight rises from 0 (sigmoid ramp-up); 0 for none.
@@ -114,8 +116,12 @@ class MeanTeacherTrainer(SupervisedTrainer):
         self.aals_t, self.aals_a0, self.aals_per_image = aals_t, aals_a0, aals_per_image
         self.consistency_loss = BernoulliKLDivLoss() if consistency_loss is None else consistency_loss
         self._unlabeled: Iterator | None = None
+        self.add_event_handler(Events.EPOCH_STARTED, self._restart_unlabeled)
         for p in self.teacher_network.parameters():
             p.requires_grad_(False)
+
+    def _restart_unlabeled(self) -> None:
+        self._unlabeled = None
 
     def _next_unlabeled(self) -> dict:
         """The next unlabeled batch, starting the loader over when it runs out."""

@@ -1,0 +1,50 @@
+"""Per-epoch seeding, so that a resumed run draws the same random numbers as one that never stopped.
+
+Without it an epoch's augmentations and shuffling depend on every random number drawn since the run started;
+a run resumed from a checkpoint starts those streams afresh and diverges from the uninterrupted run. Seeding each
+epoch from ``(seed, epoch)`` makes it depend on nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
+from monai.utils import set_determinism
+from torch.utils.data import DataLoader
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 32-bit seed for ``epoch`` of a run seeded ``seed``, independent for every pair."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class EpochSeed:
+    """At the start of every epoch, seed Python, NumPy and torch from ``(seed, epoch)``, and the random transforms
+    of the loaders that load in the main process (``num_workers=0``; worker processes seed theirs from torch's
+    generator when the epoch's iterator starts them).
+
+    Args:
+        seed: the run's seed.
+        data_loaders: the loaders the engine reads in an epoch; default the one it runs on. Their
+            workers must not be persistent: a persistent worker keeps its random state from the epoch before.
+    """
+
+    def __init__(self, seed: int, data_loaders: Sequence[DataLoader] | None = None) -> None:
+        self.seed = seed
+        self.data_loaders = data_loaders
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loaders = [engine.state.dataloader] if self.data_loaders is None else self.data_loaders
+        if any(getattr(loader, "persistent_workers", False) for loader in loaders):
+            raise ValueError("EpochSeed cannot reseed persistent loader workers; set persistent_workers=False.")
+        seed = epoch_seed(self.seed, engine.state.epoch)
+        set_determinism(seed=seed)
+        for loader in loaders:
+            if getattr(loader, "num_workers", 0) == 0:
+                set_rnd(getattr(loader, "dataset", loader), seed)
