@@ -89,7 +89,6 @@ def test_mean_teacher_stage_on_weak_positives_logs_per_epoch_and_resumes(teacher
     teacher_ckpt = settings["output_dir"] / "teacher" / "models" / "model.pt"
     straight = {**common, "output_dir": root / "straight", "experiment_name": "mean_teacher_straight",
                 "init_ckpt": teacher_ckpt}
-    (root / "straight").mkdir()
     done = _bundle_run(["train.json", "mean_teacher.json"], straight, mean_teacher_epochs=3)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = torch.load(root / "straight" / "mean_teacher" / "models" / "last.pt", weights_only=False)

@@ -37,14 +37,19 @@ class EpochSeed:
         self.data_loaders = data_loaders
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._check_loaders)
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
-    def __call__(self, engine: Engine) -> None:
-        loaders = [engine.state.dataloader] if self.data_loaders is None else self.data_loaders
-        if any(getattr(loader, "persistent_workers", False) for loader in loaders):
+    def _loaders(self, engine: Engine) -> Sequence[DataLoader]:
+        return [engine.state.dataloader] if self.data_loaders is None else self.data_loaders
+
+    def _check_loaders(self, engine: Engine) -> None:
+        if any(getattr(loader, "persistent_workers", False) for loader in self._loaders(engine)):
             raise ValueError("EpochSeed cannot reseed persistent loader workers; set persistent_workers=False.")
+
+    def __call__(self, engine: Engine) -> None:
         seed = epoch_seed(self.seed, engine.state.epoch)
         set_determinism(seed=seed)
-        for loader in loaders:
-            if getattr(loader, "num_workers", 0) == 0:
+        for loader in self._loaders(engine):
+            if getattr(loader, "num_workers", 0) == 0:  # any iterable the engine runs on; workers seed themselves
                 set_rnd(getattr(loader, "dataset", loader), seed)
