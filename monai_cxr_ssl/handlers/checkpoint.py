@@ -112,12 +112,17 @@ class ResumableCheckpoint:
         self.save_dict = dict(save_dict)
         self.resume = resume
 
+    @property
+    def resuming(self) -> bool:
+        """Whether this run continues from ``last.pt`` (other handlers, such as the MLflow run, follow it)."""
+        return self.resume and os.path.exists(self.path)
+
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
         checkpoint = Checkpoint(
             to_save=self.save_dict, save_handler=_AtomicFileSaver(self.save_dir, self.filename), n_saved=1
         )
-        if self.resume and os.path.exists(self.path):
+        if self.resuming:
             CheckpointLoader(load_path=self.path, load_dict=self.save_dict, map_location="cpu").attach(engine)
             engine.add_event_handler(Events.STARTED, self._log_resume)
         engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
