@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 # Bundle configs refer to these as ``monai_cxr_ssl.<module>.<name>`` in expressions.
 from monai_cxr_ssl import (  # noqa: E402
+    checkpoints,
     data,
     engines,
     evaluation,
@@ -13,6 +14,7 @@ from monai_cxr_ssl import (  # noqa: E402
     losses,
     networks,
     pseudo_labels,
+    settings,
     sharpening,
     tracking,
     transforms,
@@ -20,6 +22,7 @@ from monai_cxr_ssl import (  # noqa: E402
 )
 
 __all__ = [
+    "checkpoints",
     "data",
     "engines",
     "evaluation",
@@ -29,6 +32,7 @@ __all__ = [
     "losses",
     "networks",
     "pseudo_labels",
+    "settings",
     "sharpening",
     "tracking",
     "transforms",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shutil
 import sys
@@ -137,8 +138,16 @@ def _echo(line: str) -> None:
     print(line, flush=True)
 
 
+TRUSTED_CONFIGS = (
+    "Security: bundle configs and overlays are programs. Their '$' expressions run Python code, so use only configs "
+    "and overlays from a trusted source, as MONAI's documentation warns. Files this tool writes into output folders "
+    "(config_executed.json, markers, results) are read as plain values and never evaluated."
+)
+
+
 def _config_arguments(parser: argparse.ArgumentParser, nargs: str, configs_help: str, set_help: str) -> None:
     """The config files, ``--bundle`` and ``--set`` arguments that ``run``, ``pipeline`` and ``sweep`` share."""
+    parser.epilog = TRUSTED_CONFIGS
     parser.add_argument("configs", nargs=nargs, help=configs_help)
     parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=set_help)
@@ -255,12 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error(error: BaseException) -> BaseException | None:
-    """The bad-input error (ValueError, missing file) behind a failure, unwrapping MONAI's config-evaluation errors."""
-    while error is not None:
-        if isinstance(error, (ValueError, FileNotFoundError)):
-            return error
-        error = error.__cause__
+def _user_error(error: BaseException) -> BaseException | str | None:
+    """The bad-input error (ValueError, missing file, a full disk) behind a failure, unwrapping MONAI's
+    config-evaluation errors."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            return cause
+        cause = cause.__cause__
+    while error is not None:  # a full disk shows deep in chained errors (checkpoint savers, MLflow, SQLite)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            where = f" while writing {error.filename}" if error.filename else ""
+            return (f"no space left on device{where}; free some space (or use an output_dir on another disk) and "
+                    "run the same command again.")
+        error = error.__cause__ or error.__context__
     return None
 
 

@@ -31,6 +31,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 
 from monai_cxr_ssl.results import columns, format_table1, table1
+from monai_cxr_ssl.settings import check_override_keys, check_settings
 from monai_cxr_ssl.tracking import claim_run, experiment_id, recorded_run, tracking_client
 from monai_cxr_ssl.utils import atomic_write, read_json, write_json
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, make_workflow, run_workflow
@@ -42,6 +43,8 @@ __all__ = [
 
 STAGE_KINDS = ("teacher", "pseudo_label", "student", "finetune", "mean_teacher", "evaluate")
 METHODS = ("teacher_student", "mean_teacher")
+# Settings of the pipeline itself rather than of a stage's config.
+PIPELINE_OPTIONS = ("method", "rounds")
 # Settings that change where or how fast results are made, not the results: they do not re-run stages. The dataset
 # folder is one: the split file's fingerprint of image ids and labels stops any stage if the data itself differs.
 BOOKKEEPING_IDS = frozenset(
@@ -219,6 +222,24 @@ class Pipeline:
         self.tracking_uri = parser.get_parsed_content("tracking_uri")
         self.experiment_name = parser.get_parsed_content("experiment_name")
         self.run_name = name + parser.get_parsed_content("run_suffix")
+        self.check()
+
+    def check(self) -> None:
+        """Check every override key and every stage's settings now, before the first stage trains: a typo or a κ
+        out of range stops the pipeline at once, naming the setting, instead of after the teacher."""
+        parsers = [make_workflow([step.config, *self.overlays], self.bundle, **self._overrides(step)).parser
+                   for step in self.steps]
+        plain = {step.config: make_workflow([step.config, *self.overlays], self.bundle).parser.get()
+                 for step in self.steps}  # the stages' configs without the overrides, whose keys are checked
+        check_override_keys(self.common, plain.values(), extra=PIPELINE_OPTIONS, where="the overrides of every stage")
+        for kind, values in self.per_kind.items():
+            configs = [plain[step.config] for step in self.steps if kind in step.kinds]
+            if values and not configs:
+                raise ValueError(f"overrides {[f'{kind}:{k}' for k in values]}: the {self.method} pipeline has no "
+                                 f"{kind} stage; its stages are {[step.name for step in self.steps]}.")
+            check_override_keys(values, configs, where=f"the {kind} stages")
+        for step, parser in zip(self.steps, parsers, strict=True):
+            check_settings(parser, where=f"stage {step.name}")
 
     def _overrides(self, step: Step) -> dict[str, Any]:
         per_kind = {k: v for kind in step.kinds for k, v in self.per_kind[kind].items()}
@@ -354,20 +375,22 @@ def run_sweep(
     common, _ = split_overrides(dict(overrides))
     parser = make_workflow(["train", *overlays], bundle, **common).parser
     base = Path(parser.get_parsed_content("output_dir"))
+    pipelines = [  # made first: each checks its settings, so a bad λ stops the sweep before any training
+        Pipeline(overlays, {**overrides, "labeled_fraction": fraction, "seed": seed,
+                            "output_dir": str(base / f"lambda{fraction}-seed{seed}")}, bundle, echo=echo)
+        for fraction in labeled_fractions for seed in seeds
+    ]
     client = tracking_client(parser.get_parsed_content("tracking_uri"))
     experiment = experiment_id(client, parser.get_parsed_content("experiment_name"))
     sweep, _ = recorded_run(client, experiment, base / "sweep_run.json", f"sweep-{base.name}")
     client.set_tag(sweep, "labeled_fractions", json.dumps(list(labeled_fractions)))
     client.set_tag(sweep, "seeds", json.dumps(list(seeds)))
+    for pipeline in pipelines:
+        pipeline.sweep_run_id = sweep
     results = []
     try:
-        for fraction in labeled_fractions:
-            for seed in seeds:
-                run_overrides = {
-                    **overrides, "labeled_fraction": fraction, "seed": seed,
-                    "output_dir": str(base / f"lambda{fraction}-seed{seed}"),
-                }
-                results.append(Pipeline(overlays, run_overrides, bundle, parent_run_id=sweep, echo=echo).run())
+        for pipeline in pipelines:
+            results.append(pipeline.run())
     except BaseException:
         client.set_terminated(sweep, "FAILED")
         raise

@@ -41,8 +41,10 @@ def pseudo_label_header(
     dataset_fingerprint: str,
     teacher_checkpoint: str | os.PathLike,
     teacher_run_id: str | None = None,
+    split_fingerprint: str | None = None,
 ) -> dict:
-    """The header of a pseudo-label file made by the checkpoint ``teacher_checkpoint`` (hashed here)."""
+    """The header of a pseudo-label file made by the checkpoint ``teacher_checkpoint`` (hashed here) for the split
+    with ``split_fingerprint`` (``splits.split_fingerprint``)."""
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -51,6 +53,7 @@ def pseudo_label_header(
         "teacher_checkpoint": os.fspath(teacher_checkpoint),
         "teacher_checkpoint_sha256": file_sha256(teacher_checkpoint),
         "teacher_run_id": teacher_run_id,
+        "split_fingerprint": split_fingerprint,
     }
 
 
@@ -195,11 +198,12 @@ def read_pseudo_labels(
     path: str | os.PathLike,
     expected_fingerprint: str | None = None,
     expected_checkpoint_sha256: str | None = None,
+    expected_split_fingerprint: str | None = None,
 ) -> tuple[dict, list[str], np.ndarray, np.ndarray | None]:
     """Read a pseudo-label file: ``(header, ids, probs (N, C) float32, labels (N, C) float32 or None)``.
 
     Raises a ValueError naming the file when it is not a pseudo-label file, is truncated or corrupt, or when its
-    dataset fingerprint or teacher checkpoint hash differ from the expected ones.
+    dataset fingerprint, split fingerprint or teacher checkpoint hash differ from the expected ones.
     """
     path = Path(path)
     with open(path, encoding="utf-8") as f:
@@ -221,6 +225,12 @@ def read_pseudo_labels(
                     f"{path} was made for another split or teacher (its {what} {header[key][:12]}... is not the "
                     f"expected {expected[:12]}...): {_RERUN}."
                 )
+        if expected_split_fingerprint is not None and header.get("split_fingerprint") != expected_split_fingerprint:
+            raise ValueError(
+                f"{path} was made for another split (its split fingerprint {header.get('split_fingerprint')}, this "
+                f"run's split {expected_split_fingerprint}): its images may be this split's labeled, validation or "
+                f"test images; {_RERUN} in this output folder."
+            )
         num_classes = len(header["classes"])
         ids: list[str] = []
         probs: list[list[float]] = []
@@ -295,10 +305,11 @@ def load_filtered_datalist(path: str | os.PathLike, split: dict) -> list[dict]:
     data = read_json(path, "filtered pseudo-label file", "run the pseudo_label stage first")
     if not isinstance(data, dict) or data.get("format") != FILTERED_FORMAT:
         raise ValueError(f"{path} is not a filtered pseudo-label file; re-run the pseudo_label stage.")
-    if data["dataset_fingerprint"] != split["fingerprint"]:
+    if data.get("split_fingerprint") != split["split_fingerprint"]:
         raise ValueError(
-            f"{path} was made for another split (dataset fingerprint {data['dataset_fingerprint'][:12]}…, "
-            f"now {split['fingerprint'][:12]}…): re-run the pseudo_label stage."
+            f"{path} was made for another split (its split fingerprint {data.get('split_fingerprint')}, this run's "
+            f"split {split['split_fingerprint']}): its images may be this split's labeled, validation or test images; "
+            "re-run the pseudo_label stage in this output folder."
         )
     return [{"image": it["image"], "id": it["id"], "label": _student_label(it)} for it in data["items"]]
 

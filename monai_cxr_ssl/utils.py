@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +21,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise disk_full_error(path) from err
+        raise
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -27,9 +34,44 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise disk_full_error(path) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class DiskFullError(ValueError):
+    """The disk filled up while a file was written; the message names the file, the space needed and free."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` or an error it was raised from or during is ENOSPC ("No space left on device")."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def disk_full_error(path: str | os.PathLike, needed: int | None = None) -> DiskFullError:
+    """A one-line ``DiskFullError`` for a write of ``path`` that failed with ENOSPC: the file, how much it needs
+    (``needed`` bytes, when known) and how much the disk has free."""
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    need = f"it needs about {_mib(needed)}" if needed else "it needs more than is free"
+    return DiskFullError(
+        f"no space left on device while writing {path}: {need}, {_mib(free)} free on that disk. Free some space "
+        "(or set output_dir to another disk) and run the same command again: finished epochs and stages are kept."
+    )
 
 
 def read_json(path: str | os.PathLike, what: str, remedy: str) -> Any:

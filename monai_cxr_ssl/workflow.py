@@ -10,6 +10,7 @@ from typing import Any
 
 from monai.bundle import ConfigWorkflow
 
+from monai_cxr_ssl.settings import check_override_keys, check_settings, stage_epochs
 from monai_cxr_ssl.utils import write_json
 
 logger = logging.getLogger("monai_cxr_ssl")
@@ -65,8 +66,12 @@ def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[s
 def make_workflow(
     configs: Sequence[str], bundle: str | os.PathLike = DEFAULT_BUNDLE, **overrides: Any
 ) -> ConfigWorkflow:
-    """A bundle workflow for ``configs`` (names or files, see ``resolve_configs``) with ``overrides``, not yet run."""
+    """A bundle workflow for ``configs`` (names or files, see ``resolve_configs``) with ``overrides``, not yet run.
+
+    A general ``num_epochs`` override also sets the per-stage epochs the overrides do not give (``stage_epochs``).
+    """
     bundle = Path(bundle).resolve()
+    overrides = stage_epochs(overrides)
     overrides.setdefault("bundle_root", str(bundle))
     return ConfigWorkflow(
         config_file=resolve_configs(bundle, configs),
@@ -94,5 +99,8 @@ def run_workflow(workflow: ConfigWorkflow) -> ConfigWorkflow:
 def run_bundle(
     configs: Sequence[str], bundle: str | os.PathLike = DEFAULT_BUNDLE, **overrides: Any
 ) -> ConfigWorkflow:
-    """Make and run a bundle workflow (``make_workflow`` then ``run_workflow``)."""
-    return run_workflow(make_workflow(configs, bundle, **overrides))
+    """Make a bundle workflow, check the override keys and every setting (``monai_cxr_ssl.settings``), run it."""
+    workflow = make_workflow(configs, bundle, **overrides)
+    check_override_keys(overrides, [make_workflow(configs, bundle).parser.get()], where="the overrides")
+    check_settings(workflow.parser)
+    return run_workflow(workflow)

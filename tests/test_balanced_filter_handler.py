@@ -7,20 +7,26 @@ import pytest
 import torch
 from ignite.engine import Engine
 
+from monai_cxr_ssl.data import split_fingerprint
 from monai_cxr_ssl.handlers import BalancedFilter
 from monai_cxr_ssl.pseudo_labels import PseudoLabelFileWriter, load_filtered_datalist, pseudo_label_header
 
 
-def _split(n_unlabeled: int, fingerprint: str = "f" * 64) -> dict:
-    labeled = [{"image": f"/d/l{i}.png", "id": f"l{i}", "label": [float(i < 2)]} for i in range(10)]  # 20% positive
+def _split(n_unlabeled: int, fingerprint: str = "f" * 64, validation: int = 0) -> dict:
+    """A split of 10 labeled (20% positive) and ``n_unlabeled`` images; ``validation`` of them moved to validation
+    makes another split of the same data."""
+    labeled = [{"image": f"/d/l{i}.png", "id": f"l{i}", "label": [float(i < 2)]} for i in range(10)]
     unlabeled = [{"image": f"/d/u{i}.png", "id": f"u{i}", "label": [float(i % 2)]} for i in range(n_unlabeled)]
-    return {"fingerprint": fingerprint, "classes": ["Effusion"], "labeled": labeled, "unlabeled": unlabeled}
+    split = {"fingerprint": fingerprint, "classes": ["Effusion"], "labeled": labeled,
+             "unlabeled": unlabeled[validation:], "validation": unlabeled[:validation], "test": []}
+    return {**split, "split_fingerprint": split_fingerprint(split)}
 
 
 def _pseudo_labels(path, split, probs, tmp_path):
     checkpoint = tmp_path / "teacher.pt"
     torch.save({}, checkpoint)
-    header = pseudo_label_header(split["classes"], split["fingerprint"], checkpoint)
+    header = pseudo_label_header(split["classes"], split["fingerprint"], checkpoint,
+                                 split_fingerprint=split["split_fingerprint"])
     with PseudoLabelFileWriter(path, header) as writer:
         ids = [it["id"] for it in split["unlabeled"]]
         labels = np.array([it["label"] for it in split["unlabeled"]], dtype=np.float32)
@@ -73,13 +79,18 @@ def test_aals_sharpening_gives_sharpened_soft_labels(tmp_path):
 
 
 def test_filtered_datalist_refuses_another_split(tmp_path):
-    split = _split(6)
-    _pseudo_labels(tmp_path / "pl.jsonl", split, np.full(6, 0.5), tmp_path)
+    """Same images and labels (same dataset fingerprint), another split: an image the filter kept is a validation
+    image there. The student refuses the list, naming both split fingerprints."""
+    split, other = _split(6), _split(6, validation=2)
+    assert split["fingerprint"] == other["fingerprint"] and split["split_fingerprint"] != other["split_fingerprint"]
+    _pseudo_labels(tmp_path / "pl.jsonl", split, np.linspace(0.1, 0.9, 6), tmp_path)
     engine = Engine(lambda e, b: None)
     BalancedFilter(tmp_path / "pl.jsonl", split, tmp_path / "filtered.json").attach(engine)
     engine.run([0])
-    with pytest.raises(ValueError, match="made for another split"):
-        load_filtered_datalist(tmp_path / "filtered.json", _split(6, fingerprint="0" * 64))
+    assert len(load_filtered_datalist(tmp_path / "filtered.json", split)) > 0
+    with pytest.raises(ValueError, match="made for another split") as err:
+        load_filtered_datalist(tmp_path / "filtered.json", other)
+    assert split["split_fingerprint"] in str(err.value) and other["split_fingerprint"] in str(err.value)
 
 
 def test_pseudo_label_file_of_another_split_is_refused(tmp_path):
@@ -102,11 +113,13 @@ def test_multilabel_filtered_datalist_marks_dropped_labels_nan(tmp_path):
     classes = ["Effusion", "Mass"]
     labeled = [{"image": f"/d/l{i}.png", "id": f"l{i}", "label": [float(i < 5), float(i < 2)]} for i in range(10)]
     unlabeled = [{"image": f"/d/u{i}.png", "id": f"u{i}", "label": [0.0, 0.0]} for i in range(10)]
-    split = {"fingerprint": "f" * 64, "classes": classes, "labeled": labeled, "unlabeled": unlabeled}
+    split = {"fingerprint": "f" * 64, "classes": classes, "labeled": labeled, "unlabeled": unlabeled,
+             "validation": [], "test": []}
+    split["split_fingerprint"] = split_fingerprint(split)
     checkpoint = tmp_path / "teacher.pt"
     torch.save({}, checkpoint)
     rng = np.random.default_rng(0)
-    header = pseudo_label_header(classes, split["fingerprint"], checkpoint)
+    header = pseudo_label_header(classes, split["fingerprint"], checkpoint, split_fingerprint=split["split_fingerprint"])
     with PseudoLabelFileWriter(tmp_path / "pl.jsonl", header) as w:
         w.write([it["id"] for it in unlabeled], rng.random((10, 2)).astype(np.float32))
     engine = Engine(lambda e, b: None)

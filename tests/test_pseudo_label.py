@@ -100,6 +100,7 @@ def test_round_trip_and_header(tmp_path, header, checkpoint):
         "teacher_checkpoint": str(checkpoint),
         "teacher_checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
         "teacher_run_id": "run-1",
+        "split_fingerprint": None,
     }
     assert read_ids == ids
     assert read_probs.dtype == np.float32 and np.array_equal(read_probs, probs)

@@ -16,7 +16,15 @@ from monai_cxr_ssl.data.readers import (
     dicom_to_image,
     read_cxr,
 )
-from monai_cxr_ssl.data.splits import fingerprint, load_split, make_split, prepare_split, subsample
+from monai_cxr_ssl.data.sampling import samples_per_epoch
+from monai_cxr_ssl.data.splits import (
+    fingerprint,
+    load_split,
+    make_split,
+    prepare_split,
+    split_fingerprint,
+    subsample,
+)
 from monai_cxr_ssl.data.synthetic import make_synthetic_dataset
 from monai_cxr_ssl.data.weak_labels import load_weak_labels, unlabeled_datalist
 
@@ -39,6 +47,8 @@ __all__ = [
     "make_synthetic_dataset",
     "prepare_split",
     "read_cxr",
+    "samples_per_epoch",
+    "split_fingerprint",
     "subsample",
     "unlabeled_datalist",
 ]

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from monai_cxr_ssl.utils import read_json, write_json
 
-__all__ = ["fingerprint", "load_split", "make_split", "prepare_split", "subsample"]
+__all__ = ["fingerprint", "load_split", "make_split", "prepare_split", "split_fingerprint", "subsample"]
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -36,6 +36,16 @@ def fingerprint(items: Sequence[dict]) -> str:
     """
     pairs = sorted((it["id"], [float(v) for v in it["label"]]) for it in items)
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
+
+
+def split_fingerprint(split: dict) -> str:
+    """SHA-256 (hex) of the image ids of each part of ``split``.
+
+    ``fingerprint`` identifies the data; this identifies the split of it: two seeds or labeled fractions give other
+    parts and so another value. Files a later stage reads (pseudo-labels, the filtered list, checkpoints) carry it.
+    """
+    parts = {part: sorted(it["id"] for it in split[part]) for part in PARTS}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _groups(items: list[dict]) -> list[list[dict]]:
@@ -84,8 +94,9 @@ def _allocate(
 
 
 def _check_fraction(name: str, value: float, allow_one: bool = False) -> None:
-    upper_ok = value <= 1 if allow_one else value < 1
-    if not (0 < value and upper_ok):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    upper_ok = number and (value <= 1 if allow_one else value < 1)
+    if not (number and 0 < value and upper_ok):
         interval = "(0, 1]" if allow_one else "(0, 1)"
         raise ValueError(f"{name} must be in {interval}, got {value}.")
 
@@ -218,6 +229,38 @@ def _check_images(items: list[dict], bad_images: str) -> list[str]:
     return sorted(it["id"] for it in bad)
 
 
+def _patient_overlap(data, allow: bool) -> dict[str, int]:
+    """Patients with images in more than one of the source's own parts (training pool, validation, test).
+
+    A patient on both sides of a split makes validation or test scores optimistic, so it is refused unless
+    ``allow``. The message gives counts and positions in the source's lists, never the patient ids.
+    """
+    parts = {"training pool": data.pool, "validation": data.validation or [], "test": data.test or []}
+    patients = {name: {it["patient_id"] for it in items if it.get("patient_id") is not None}
+                for name, items in parts.items()}
+    names = list(parts)
+    overlaps = {}
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            shared = patients[first] & patients[second]
+            if not shared:
+                continue
+            overlaps[f"{first}/{second}"] = len(shared)
+            positions = [n for n, it in enumerate(parts[second], 1) if it.get("patient_id") in shared][:5]
+            message = (
+                f"{len(shared)} patient(s) have images in both the {first} and the {second} lists of the dataset "
+                f"source (e.g. the images at positions {positions} of the {second} list, counted from 1)"
+            )
+            if not allow:
+                raise ValueError(
+                    f"{message}: a patient on both sides makes the {second} scores optimistic. Fix the split lists "
+                    "(train_val_list.txt / test_list.txt, or the CSV's split column) or set allow_patient_overlap: "
+                    "true to accept the overlap."
+                )
+            logger.warning("%s; accepted (allow_patient_overlap: true).", message)
+    return overlaps
+
+
 def prepare_split(
     source,
     split_file: str | os.PathLike,
@@ -227,6 +270,7 @@ def prepare_split(
     bad_images: str = "fail",
     num_classes: int | None = None,
     labeled_prevalence: float | None = None,
+    allow_patient_overlap: bool = False,
 ) -> dict:
     """Load ``source``, then return the split stored in ``split_file``, making and writing it on first use.
 
@@ -240,6 +284,8 @@ def prepare_split(
         num_classes: the network's number of outputs, checked against the source's classes when given.
         labeled_prevalence: for binary labels, the share of positives to subsample the labeled part to (the rest
             of its positives become unlabeled); None keeps the stratified share.
+        allow_patient_overlap: accept a source whose own validation or test lists share patients with its
+            training pool (refused by default, see ``_patient_overlap``).
 
     Returns:
         The split: ``labeled``, ``unlabeled``, ``validation`` and ``test`` datalists plus ``classes``,
@@ -248,7 +294,10 @@ def prepare_split(
     """
     if bad_images not in _BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images must be one of {_BAD_IMAGE_POLICIES}, got {bad_images!r}.")
+    _check_fraction("labeled_fraction", labeled_fraction, allow_one=True)  # before the (slow) image check
+    _check_fraction("val_fraction", val_fraction)
     data = source.load()
+    overlaps = _patient_overlap(data, allow_patient_overlap)
     if num_classes is not None and num_classes != len(data.classes):
         raise ValueError(
             f"the dataset has {len(data.classes)} class(es) {data.classes} but num_classes is {num_classes}; "
@@ -273,6 +322,7 @@ def prepare_split(
         for part in PARTS:
             for it in split[part]:
                 it["image"] = paths[it["id"]]
+        split["split_fingerprint"] = split_fingerprint(split)
         return split
 
     skipped = set(_check_images(everything, bad_images))
@@ -301,7 +351,9 @@ def prepare_split(
         "positives": {k: _positives(v, n) for k, v in parts.items()},
         **parts,
         "skipped": sorted(skipped),
+        **({"patient_overlap": overlaps} if overlaps else {}),
     }
+    split["split_fingerprint"] = split_fingerprint(split)
     write_json(split_file, split)
     logger.info("split %s: %s", split_file, ", ".join(f"{k}={v}" for k, v in split["counts"].items()))
     return split

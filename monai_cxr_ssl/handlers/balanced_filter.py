@@ -75,7 +75,8 @@ class BalancedFilter:
 
     def __call__(self, engine: Engine) -> None:
         header, ids, probs, labels = read_pseudo_labels(
-            self.pseudo_label_file, expected_fingerprint=self.split["fingerprint"]
+            self.pseudo_label_file, expected_fingerprint=self.split["fingerprint"],
+            expected_split_fingerprint=self.split["split_fingerprint"],
         )
         classes = header["classes"]
         unlabeled = {it["id"]: it for it in self.split["unlabeled"]}
@@ -91,6 +92,7 @@ class BalancedFilter:
         kept = filtered_datalist(items, result)
         provenance = {
             "dataset_fingerprint": self.split["fingerprint"],
+            "split_fingerprint": self.split["split_fingerprint"],
             "pseudo_label_file": os.path.basename(self.pseudo_label_file),
             "pseudo_label_sha256": file_sha256(self.pseudo_label_file),
             "keep_fraction": self.keep_fraction,

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
-from monai.handlers import CheckpointLoader
+
+from monai_cxr_ssl.checkpoints import (
+    PROVENANCE_FILE,
+    changed_settings,
+    read_checkpoint,
+    read_provenance,
+    write_provenance,
+)
+from monai_cxr_ssl.utils import disk_full_error, is_disk_full
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -28,11 +37,28 @@ class _AtomicFileSaver(DiskSaver):
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        super().__call__(checkpoint, self.filename, metadata)
+        try:
+            super().__call__(checkpoint, self.filename, metadata)
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as "file write failed" (RuntimeError)
+            needed = _nbytes(checkpoint)
+            if is_disk_full(err) or shutil.disk_usage(self.dirname).free < needed:
+                raise disk_full_error(os.path.join(self.dirname, self.filename), needed) from err
+            raise
         os.chmod(os.path.join(self.dirname, self.filename), 0o644)  # tempfile creates it 0600
 
     def remove(self, filename: str) -> None:
         """Nothing to remove: the next save replaces the file."""
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 class _ChosenModel:
@@ -103,19 +129,56 @@ class ResumableCheckpoint:
     The engine it is attached to is saved as ``"trainer"``, so configs need no reference from the
     handler back to the trainer. Attach it last in the trainer's handlers so the saved state
     includes that epoch's validation and learning-rate step.
+
+    ``settings`` (the stage's hyperparameters) and ``split_fingerprint`` are recorded in ``save_dir``'s
+    ``provenance.json`` when training starts. A ``last.pt`` is resumed only when it was made with the same settings
+    (``num_epochs`` may differ: a longer run continues, since every epoch is seeded on its own); otherwise the stage
+    stops, naming the settings that changed. With ``resume=False`` an earlier ``last.pt`` and best model are
+    deleted when training starts, and the stage starts over.
     """
 
-    def __init__(self, save_dir: str, save_dict: Mapping[str, Any], filename: str = "last.pt", resume: bool = True):
+    # settings that may differ on resume: the epoch count, and where the data lives (its fingerprint is compared)
+    RESUMABLE_CHANGES = frozenset({"num_epochs", "datasource"})
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: Mapping[str, Any],
+        filename: str = "last.pt",
+        resume: bool = True,
+        settings: Mapping[str, Any] | None = None,
+        split_fingerprint: str | None = None,
+    ) -> None:
         self.save_dir = save_dir
         self.filename = filename
         self.path = os.path.join(save_dir, filename)
         self.save_dict = dict(save_dict)
         self.resume = resume
+        self.settings = dict(settings or {})
+        self.split_fingerprint = split_fingerprint
+        if self.resuming:
+            self._check_resumable()
 
     @property
     def resuming(self) -> bool:
         """Whether this run continues from ``last.pt`` (other handlers, such as the MLflow run, follow it)."""
         return self.resume and os.path.exists(self.path)
+
+    def _check_resumable(self) -> None:
+        """Refuse a ``last.pt`` made for another split or with other settings, before any work starts."""
+        remedy = ("use another output_dir, restore the earlier settings, or pass resume=false (--resume false) to "
+                  "start this stage over")
+        record = read_provenance(self.save_dir)
+        if record is None:
+            raise ValueError(f"{self.path} has no record of the settings it was made with ({PROVENANCE_FILE}; made "
+                             f"by an earlier version or another tool), so it cannot be resumed safely: {remedy}.")
+        if self.split_fingerprint is not None and record.get("split_fingerprint") != self.split_fingerprint:
+            raise ValueError(f"{self.path} was made on another split (split fingerprint "
+                             f"{record.get('split_fingerprint')}, now {self.split_fingerprint}): {remedy}.")
+        changed = [k for k in changed_settings(record.get("settings") or {}, self.settings)
+                   if k not in self.RESUMABLE_CHANGES]
+        if changed:
+            raise ValueError(f"{self.path} was made with other settings (changed: {', '.join(changed)}): {remedy}.")
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
@@ -123,13 +186,39 @@ class ResumableCheckpoint:
             to_save=self.save_dict, save_handler=_AtomicFileSaver(self.save_dir, self.filename), n_saved=1
         )
         if self.resuming:
-            CheckpointLoader(load_path=self.path, load_dict=self.save_dict, map_location="cpu").attach(engine)
-            engine.add_event_handler(Events.STARTED, self._log_resume)
+            engine.add_event_handler(Events.STARTED, self._load)
+        else:
+            engine.add_event_handler(Events.STARTED, self._start_over)
+        engine.add_event_handler(Events.STARTED, self._record)
         engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
 
-    def _log_resume(self, engine: Engine) -> None:
-        if engine.state.epoch >= (engine.state.max_epochs or 0):
+    def _load(self, engine: Engine) -> None:
+        checkpoint = read_checkpoint(self.path, "training checkpoint")
+        max_epochs = engine.state.max_epochs
+        try:
+            Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise ValueError(f"{self.path} does not fit this stage's network and optimizer ({err}); pass "
+                             "resume=false to start the stage over.") from None
+        if engine.state.epoch > (max_epochs or 0):
+            raise ValueError(f"{self.path} has already trained {engine.state.epoch} epochs, more than num_epochs="
+                             f"{max_epochs}; set num_epochs >= {engine.state.epoch} or pass resume=false.")
+        engine.state.max_epochs = max_epochs
+        if engine.state.epoch >= (max_epochs or 0):
             logger.info("%s: training already finished (%d epochs); nothing to do.", self.path, engine.state.epoch)
         else:
-            state = engine.state
-            logger.info("Resuming from %s after epoch %d of %d.", self.path, state.epoch, state.max_epochs)
+            logger.info("Resuming from %s after epoch %d of %d.", self.path, engine.state.epoch, max_epochs)
+
+    def _start_over(self, engine: Engine) -> None:
+        """Delete what an earlier run left in ``save_dir`` (its ``last.pt`` and best model), so nothing stale stays."""
+        names = {self.filename, PROVENANCE_FILE}
+        names |= {obj.checkpoint.save_handler.filename for obj in self.save_dict.values()
+                  if isinstance(obj, BestCheckpoint)}
+        removed = [name for name in sorted(names) if os.path.exists(os.path.join(self.save_dir, name))]
+        for name in removed:
+            os.unlink(os.path.join(self.save_dir, name))
+        if removed:
+            logger.info("resume=false: starting over; removed %s from %s.", ", ".join(removed), self.save_dir)
+
+    def _record(self, engine: Engine) -> None:
+        write_provenance(self.save_dir, self.split_fingerprint, self.settings)

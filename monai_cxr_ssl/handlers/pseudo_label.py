@@ -41,6 +41,8 @@ class PseudoLabelWriter:
         dataset_fingerprint: fingerprint of the split the images come from (``split["fingerprint"]``).
         teacher_checkpoint: the checkpoint the evaluator loads; its SHA-256 goes into the file's header.
         teacher_run_id: the MLflow run that trained the teacher, if known.
+        split_fingerprint: the split's own fingerprint (``split["split_fingerprint"]``: the ids of each part), so
+            that the filter and the student refuse pseudo-labels made for another split.
         include_labels: also store the true labels, for benchmarks where those of the unlabeled images are known,
             and report the accuracy at 0.5 and the AUROC of the pseudo-labels.
         output_transform: maps ``engine.state.output`` to ``(probabilities, labels)``; the default suits MONAI
@@ -55,6 +57,7 @@ class PseudoLabelWriter:
         dataset_fingerprint: str,
         teacher_checkpoint: str | os.PathLike,
         teacher_run_id: str | None = None,
+        split_fingerprint: str | None = None,
         include_labels: bool = False,
         output_transform: Callable | None = None,
         id_transform: Callable | None = None,
@@ -65,6 +68,7 @@ class PseudoLabelWriter:
         self.dataset_fingerprint = dataset_fingerprint
         self.teacher_checkpoint = teacher_checkpoint
         self.teacher_run_id = teacher_run_id
+        self.split_fingerprint = split_fingerprint
         self.include_labels = include_labels
         self.output_transform = output_transform or from_engine(["pred", "label"])
         self.id_transform = id_transform or from_engine(["id"])
@@ -85,7 +89,8 @@ class PseudoLabelWriter:
     def _open(self, engine: Engine) -> None:
         self._abort(engine)
         header = pseudo_label_header(
-            self.class_names, self.dataset_fingerprint, self.teacher_checkpoint, self.teacher_run_id
+            self.class_names, self.dataset_fingerprint, self.teacher_checkpoint, self.teacher_run_id,
+            self.split_fingerprint,
         )
         self._writer = PseudoLabelFileWriter(self.output_file, header)
         self._histogram[:] = 0
