@@ -83,7 +83,7 @@ def test_resumable_checkpoint_resumes_training_state(tmp_path):
     opt3 = torch.optim.SGD(net3.parameters(), lr=0.1)
     _trainer(net3, opt3, []).run(data, max_epochs=3)
     torch.testing.assert_close(net2.weight, net3.weight)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "provenance.json"]
 
 
 def test_resume_disabled_starts_over(tmp_path):

@@ -47,7 +47,7 @@ def test_run_records_executed_config_in_mlflow(data, tmp_path):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("labeled_fraction=0", "labeled_fraction must be in (0, 1]"),
+        ("labeled_fraction=0", "labeled_fraction=0 must be a number in (0, 1]"),
         ("datasource#positive_class=EFFUSION", "class folder 'EFFUSION' not found"),
         ("num_classes=3", "num_classes"),
     ],
