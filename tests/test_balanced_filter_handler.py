@@ -119,7 +119,8 @@ def test_multilabel_filtered_datalist_marks_dropped_labels_nan(tmp_path):
     checkpoint = tmp_path / "teacher.pt"
     torch.save({}, checkpoint)
     rng = np.random.default_rng(0)
-    header = pseudo_label_header(classes, split["fingerprint"], checkpoint, split_fingerprint=split["split_fingerprint"])
+    header = pseudo_label_header(classes, split["fingerprint"], checkpoint,
+                                 split_fingerprint=split["split_fingerprint"])
     with PseudoLabelFileWriter(tmp_path / "pl.jsonl", header) as w:
         w.write([it["id"] for it in unlabeled], rng.random((10, 2)).astype(np.float32))
     engine = Engine(lambda e, b: None)
