@@ -239,7 +239,7 @@ class Pipeline:
                                  f"{kind} stage; its stages are {[step.name for step in self.steps]}.")
             check_override_keys(values, configs, where=f"the {kind} stages")
         for step, parser in zip(self.steps, parsers, strict=True):
-            check_settings(parser, where=f"stage {step.name}")
+            check_settings(parser, where=f"stage {step.name}", config=plain[step.config])
 
     def _overrides(self, step: Step) -> dict[str, Any]:
         per_kind = {k: v for kind in step.kinds for k, v in self.per_kind[kind].items()}

@@ -128,9 +128,10 @@ def check_values(values: Mapping[str, Any], where: str = "") -> None:
         raise ValueError(f"setting output_dir={str(output_dir)!r}{suffix} is a file, not a folder; choose a folder.")
 
 
-def check_settings(parser: Any, where: str = "") -> None:
-    """``check_values`` over the ids of ``RULES`` (and ``output_dir``) that the config of ``parser`` has."""
-    ids = [key for key in (*RULES, "output_dir") if key in parser]
+def check_settings(parser: Any, where: str = "", config: dict | None = None) -> None:
+    """``check_values`` over the ids of ``RULES`` (and ``output_dir``) that the config of ``parser`` has (or, given,
+    that ``config`` has: the stage's own config, so a setting meant for another stage is checked there)."""
+    ids = [key for key in (*RULES, "output_dir") if key in parser and (config is None or key in config)]
     values = {}
     for key in ids:
         try:
