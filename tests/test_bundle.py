@@ -91,7 +91,7 @@ def test_train_is_killed_then_resumes(workspace):
     assert last.exists(), "no epoch checkpoint was written before the deadline"
     killed_at = _epoch(last)
     assert killed_at < num_epochs
-    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt", "model.pt"]  # no temporary files
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt", "model.pt", "provenance.json"]  # no temp files
 
     # The same command again resumes instead of starting over.
     done = subprocess.run(_train_cmd(common, num_epochs), cwd=root, capture_output=True, text=True, timeout=600)
