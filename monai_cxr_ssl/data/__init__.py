@@ -16,7 +16,15 @@ from monai_cxr_ssl.data.readers import (
     dicom_to_image,
     read_cxr,
 )
-from monai_cxr_ssl.data.splits import fingerprint, load_split, make_split, prepare_split, subsample
+from monai_cxr_ssl.data.splits import (
+    check_num_classes,
+    fingerprint,
+    load_split,
+    make_split,
+    prepare_split,
+    select_classes,
+    subsample,
+)
 from monai_cxr_ssl.data.synthetic import make_synthetic_dataset
 from monai_cxr_ssl.data.weak_labels import load_weak_labels, unlabeled_datalist
 
@@ -30,6 +38,7 @@ __all__ = [
     "LoadCXRImaged",
     "SourceData",
     "check_image",
+    "check_num_classes",
     "dicom_to_image",
     "find_images",
     "fingerprint",
@@ -39,6 +48,7 @@ __all__ = [
     "make_synthetic_dataset",
     "prepare_split",
     "read_cxr",
+    "select_classes",
     "subsample",
     "unlabeled_datalist",
 ]
