@@ -327,7 +327,7 @@ def test_chestxray14_sample_rare_classes_and_subset(shared_data, tmp_path, caplo
     training = split["labeled"] + split["unlabeled"]
     for name, counts in left_out.items():
         pool_positives = int(sum(it["label"][data.classes.index(name)] for it in data.pool
-                             if it["id"] in {t["id"] for t in training})
+                             if it["id"] in {t["id"] for t in training}))
         assert counts == {"pool": pool_positives, "labeled": 0}
         assert f"{name} ({pool_positives} in the training pool, 0 labeled)" in caplog.text
     assert all(len(it["label"]) == len(split["classes"]) for it in training + split["test"])
