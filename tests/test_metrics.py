@@ -171,3 +171,71 @@ def test_bundle_selects_the_best_epoch_when_a_class_has_no_validation_positive(t
     assert labels.shape == (16, 3) and labels[:, 2].sum() == 0
     expected = np.mean([roc_auc_score(labels[:, k], probs[:, k]) for k in (0, 1)])
     assert expected == pytest.approx(max(history), abs=1e-5)
+
+
+def test_mean_teacher_validation_scores_both_models_over_defined_classes(tmp_path):
+    """The mean-teacher evaluator's two metrics skip a class without validation positives, and BestCheckpoint saves
+    whichever model scores better."""
+    from monai.handlers import from_engine
+    from monai.transforms import Activationsd
+
+    from monai_cxr_ssl.engines import MeanTeacherEvaluator
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 3)).astype(np.float32)
+    y = np.stack([x[:, 0] > 0, x[:, 1] > 0, np.zeros(40, bool)], axis=1).astype(np.float32)  # class 2: no positive
+    student, teacher = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.eye(3))
+        teacher.bias.zero_()
+    loader = [{"image": torch.from_numpy(x[i:i + 8]), "label": torch.from_numpy(y[i:i + 8])} for i in range(0, 40, 8)]
+    best = BestCheckpoint(str(tmp_path), student, "val_auroc", candidates={"val_auroc_teacher": teacher})
+    evaluator = MeanTeacherEvaluator(
+        teacher_network=teacher, device=torch.device("cpu"), val_data_loader=loader, network=student,
+        postprocessing=Activationsd(keys=["pred", "pred_teacher"], sigmoid=True),
+        key_val_metric={"val_auroc": MeanDefinedAUROC(from_engine(["pred", "label"]), ["A", "B", "C"])},
+        additional_metrics={"val_auroc_teacher": MeanDefinedAUROC(from_engine(["pred_teacher", "label"]))},
+        val_handlers=[best],
+    )
+    evaluator.run()
+    with torch.no_grad():
+        s_probs = torch.sigmoid(student(torch.from_numpy(x))).numpy()
+    metrics = evaluator.state.metrics
+    assert metrics["val_auroc"] == pytest.approx(np.mean([roc_auc_score(y[:, k], s_probs[:, k]) for k in (0, 1)]))
+    assert metrics["val_auroc_teacher"] == 1.0 and best.chosen == "val_auroc_teacher"
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.testing.assert_close(saved["weight"], teacher.weight.detach())
+
+
+@pytest.mark.slow
+def test_chestxray14_sample_teacher_keeps_the_classes_that_occur(shared_data, tmp_path):
+    """A multi-label teacher run on real NIH images (32 px, 1 epoch, 10% labeled): classes without a labeled
+    positive are left out of the split and the network, val_auroc averages the classes defined on validation."""
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "cxr_classifier" / "configs"
+    overlay = Path(__file__).resolve().parents[1] / "configs" / "chestxray14_multilabel.json"
+    settings = {
+        "dataset_dir": shared_data / "chestxray14_sample", "output_dir": tmp_path / "out",
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "cxr14", "labeled_fraction": 0.1,
+        "image_size": 32, "crop_size": 32, "batch_size": 16, "num_epochs": 1, "num_workers": 0, "seed": 0,
+    }
+    files = repr([str(configs / "train.json"), str(overlay)])
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", files,
+         "--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf"),
+         *(f"--{k}={v}" for k, v in settings.items())],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    split = json.loads((tmp_path / "out" / "split.json").read_text())
+    left_out = split["left_out_classes"]
+    assert left_out and all(v["labeled"] == 0 and v["pool"] > 0 for v in left_out.values())
+    assert len(split["classes"]) + len(left_out) == 14
+    assert "leaving out class(es) " + str(list(left_out)) in done.stdout + done.stderr
+    weights = torch.load(tmp_path / "out" / "teacher" / "models" / "model.pt", weights_only=True)
+    assert [w.shape[0] for k, w in weights.items() if k.endswith("weight")][-1] == len(split["classes"])
+    params, history = _val_history(settings["tracking_uri"], "cxr14")
+    assert params["num_classes"] == str(len(split["classes"])) and params["left_out_classes"] == ",".join(left_out)
+    labels = np.array([it["label"] for it in split["validation"]])
+    defined = [c for k, c in enumerate(split["classes"]) if 0 < labels[:, k].sum() < len(labels)]
+    assert params["val_auroc_classes"] == ",".join(defined)
+    assert len(history) == 1 and math.isfinite(history[0])
