@@ -239,3 +239,34 @@ def test_chestxray14_sample_teacher_keeps_the_classes_that_occur(shared_data, tm
     defined = [c for k, c in enumerate(split["classes"]) if 0 < labels[:, k].sum() < len(labels)]
     assert params["val_auroc_classes"] == ",".join(defined)
     assert len(history) == 1 and math.isfinite(history[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, setting, message", [
+    ("no_validation_class", [], "val_auroc is undefined: none of the classes ['A', 'B', 'C'] has both positive and "
+                                "negative images among the 16 validation images"),
+    ("unknown_class", ['classes=["A", "Hernia"]'], "classes: unknown class(es) ['Hernia'] for CsvSource("),
+    ("num_classes", ["num_classes=14"], "num_classes is 14 but the split keeps 3 class(es) ['A', 'B', 'C']"),
+    ("min_positives", ["min_positives=0"], "min_positives must be an integer >= 1, got 0."),
+])
+def test_bad_multilabel_settings_fail_before_training(tmp_path, case, setting, message):
+    labels_csv = _multilabel_dataset(tmp_path)
+    if case == "no_validation_class":  # every validation label 0
+        rows = list(csv.reader(labels_csv.open()))
+        rows = [rows[0]] + [r if r[-1] != "val" else [r[0], 0, 0, 0, "val"] for r in rows[1:]]
+        with open(labels_csv, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    overlay = tmp_path / "overlay.json"
+    source = {"_target_": "monai_cxr_ssl.data.CsvSource", "csv_path": str(labels_csv),
+              "label_columns": ["A", "B", "C"], "split_column": "split"}
+    overlay.write_text(json.dumps({"datasource": source}))
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "monai_cxr_ssl.cli", "run", "train", str(overlay), "--set", f"output_dir={out}",
+         f"tracking_uri=sqlite:///{tmp_path / 'm.db'}", "labeled_fraction=1.0", "num_workers=0", *setting],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("monai-cxr-ssl: error: ") and message in last, last
+    assert not (out / "teacher" / "models").exists()  # nothing trained
