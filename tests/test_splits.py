@@ -303,7 +303,8 @@ def test_prepare_split_classes_and_min_positives_are_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("classes, message", [
-    (["A", "Hernia"], r"classes: unknown class\(es\) \['Hernia'\] for CsvSource\(.*choose from \['A', 'B', 'C'\]"),
+    (["A", "Hernia"], r"classes: unknown class\(es\) \['Hernia'\] for the CsvSource source; "
+                      r"choose from \['A', 'B', 'C'\]"),
     (["A", "A"], r"class\(es\) \['A'\] listed twice"),
     ([], "classes must be a non-empty list"),
     ("A", "classes must be a non-empty list"),

@@ -280,7 +280,7 @@ def _chosen_classes(classes: Sequence[str] | None, available: Sequence[str], sou
     repeated = sorted({c for c in classes if list(classes).count(c) > 1})
     if unknown or repeated:
         what = f"unknown class(es) {unknown}" if unknown else f"class(es) {repeated} listed twice"
-        raise ValueError(f"classes: {what} for {source}; choose from {list(available)}.")
+        raise ValueError(f"classes: {what} for the {source} source; choose from {list(available)} or null (all).")
     return [list(available).index(c) for c in classes]
 
 
@@ -349,7 +349,7 @@ def prepare_split(
             check_num_classes(num_classes, split)
         return split
 
-    chosen = _chosen_classes(classes, data.classes, repr(source))
+    chosen = _chosen_classes(classes, data.classes, type(source).__name__)
     skipped = set(_check_images(everything, bad_images))
     keep = select_classes([it for it in data.pool if it["id"] not in skipped], chosen)
     validation, test = (select_classes([it for it in p or [] if it["id"] not in skipped], chosen) or None
