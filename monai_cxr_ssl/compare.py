@@ -21,9 +21,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from monai_cxr_ssl.results import class_notes
 from monai_cxr_ssl.utils import atomic_write
 
-__all__ = ["column_of", "comparison_table", "evaluation_runs", "format_markdown", "run_compare"]
+__all__ = ["column_of", "comparison_notes", "comparison_table", "evaluation_runs", "format_markdown", "run_compare"]
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -135,12 +136,33 @@ def _cell(value: dict | None) -> str:
     return f"{value['mean']:.3f} ± {value['std']:.3f} (n={value['n']})"
 
 
-def format_markdown(rows: Sequence[dict]) -> str:
-    """Table I layout: ``| labeled | <column> ... |`` with ``mean ± std (n=runs)`` cells."""
+def format_markdown(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
+    """Table I layout: ``| labeled | <column> ... |`` with ``mean ± std (n=runs)`` cells; ``notes``
+    (``comparison_notes``) follow the table as lines of their own."""
     cols = [k for k in rows[0] if k != "labeled_fraction"] if rows else []
     lines = ["| labeled | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {_label(r['labeled_fraction'])} | " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+def comparison_notes(runs: pd.DataFrame) -> list[str]:
+    """``results.class_notes`` for evaluation runs: the classes each run's ``test_mean_auroc`` covers (those with a
+    ``test_auroc_<class>`` metric, out of its ``classes`` param) and their ``test_positives_<class>`` counts."""
+    coverages = []
+    for _, run in runs.iterrows():
+        logged = [c.removeprefix("metrics.test_auroc_") for c in runs.columns
+                  if c.startswith("metrics.test_auroc_") and pd.notna(run[c])]
+        param = run.get("params.classes")
+        classes = str(param).split(",") if isinstance(param, str) and param else logged
+        positives = {c: run.get(f"metrics.test_positives_{c}") for c in classes}
+        coverages.append({
+            "covered": [c for c in classes if c in logged],
+            "left_out": [c for c in classes if c not in logged],
+            "positives": {c: None if v is None or pd.isna(v) else int(v) for c, v in positives.items()},
+        })
+    return class_notes(coverages)
 
 
 def format_csv(rows: Sequence[dict]) -> str:
@@ -253,7 +275,7 @@ def run_compare(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = comparison_table(runs)
-    markdown = format_markdown(rows)
+    markdown = format_markdown(rows, comparison_notes(runs))
     files = {"comparison.md": markdown, "comparison.csv": format_csv(rows)}
     for name, text in files.items():
         with atomic_write(output_dir / name) as f:

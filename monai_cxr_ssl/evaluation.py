@@ -8,8 +8,9 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import auc, roc_auc_score, roc_curve
+from sklearn.metrics import auc, roc_curve
 
+from monai_cxr_ssl.metrics import per_class_auroc
 from monai_cxr_ssl.utils import atomic_write, write_json
 
 logger = logging.getLogger("monai_cxr_ssl")
@@ -18,8 +19,9 @@ logger = logging.getLogger("monai_cxr_ssl")
 def auroc_report(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict:
     """Per-class AUROC and their mean for (N, K) binary ``labels`` and predicted ``probs``.
 
-    A class whose labels hold a single value has no defined AUROC: it is reported as ``None``
-    and left out of the mean, with a warning.
+    A class whose labels hold a single value has no defined AUROC: it is reported as ``None`` and left out of the
+    mean. The report names the classes the mean covers (``classes_covered``) and those left out
+    (``classes_left_out``), and counts the ``positives`` per class (an AUROC on few positives is uncertain).
     """
     labels = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
     probs = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
@@ -27,17 +29,17 @@ def auroc_report(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[st
         raise ValueError(
             f"labels {labels.shape}, probabilities {probs.shape} and {len(class_names)} class names do not match."
         )
-    per_class: dict[str, float | None] = {}
-    for k, name in enumerate(class_names):
-        if len(np.unique(labels[:, k])) < 2:
-            logger.warning("AUROC of class %r is undefined: its labels hold a single value.", name)
-            per_class[name] = None
-        else:
-            per_class[name] = float(roc_auc_score(labels[:, k], probs[:, k]))
-    defined = [v for v in per_class.values() if v is not None]
+    per_class = dict(zip(class_names, per_class_auroc(labels, probs), strict=True))
+    covered = [name for name, value in per_class.items() if value is not None]
+    left_out = [name for name, value in per_class.items() if value is None]
+    if left_out:
+        logger.warning("mean AUROC over %s; left out, AUROC undefined (their labels hold a single value on these %d "
+                       "images): %s.", ", ".join(covered) or "no class", len(labels), ", ".join(left_out))
     return {
         "auroc": per_class,
-        "mean_auroc": float(np.mean(defined)) if defined else None,
+        "mean_auroc": float(np.mean([per_class[name] for name in covered])) if covered else None,
+        "classes_covered": covered,
+        "classes_left_out": left_out,
         "num_images": int(len(labels)),
         "positives": {name: int(labels[:, k].sum()) for k, name in enumerate(class_names)},
     }

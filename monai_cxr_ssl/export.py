@@ -112,7 +112,8 @@ def model_metadata(
     split_file = parser.get_parsed_content("split_file")
     classes = read_json(split_file, "split file", "re-run the stage")["classes"]
     image_size, crop_size = int(parser.get_parsed_content("image_size")), int(parser.get_parsed_content("crop_size"))
-    if int(parser.get_parsed_content("num_classes")) != len(classes):
+    derived = isinstance(parser["num_classes"], str) and parser["num_classes"].startswith("$")  # from the split
+    if not derived and int(parser.get_parsed_content("num_classes")) != len(classes):
         raise ValueError(f"{stage_dir}: num_classes {parser['num_classes']} but {split_file} names {len(classes)}.")
     thresholds, source = _thresholds(stage_dir, classes, threshold)
 
@@ -152,6 +153,9 @@ def export_model(
     stage_dir, info = final_stage_dir(path)
     config = stage_config(stage_dir, configs, overrides, bundle)
     meta = model_metadata(stage_dir, config, info, threshold)
+    # the network's outputs are the split's classes: fix them so that exporting does not load the dataset again
+    config = {**config, "num_classes": len(meta["cxr_ssl"]["classes"]),
+              NET_ID: {**config[NET_ID], "num_classes": "@num_classes"}}
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:

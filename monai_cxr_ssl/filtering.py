@@ -2,9 +2,13 @@
 
 The teacher predicts probabilities for the unlabeled set U; ``balanced_filter`` keeps K = κ·|U| of them, the most
 confident ones, split between positives and negatives in the class proportions of the labeled set D: the highest
-probabilities become positives, the lowest negatives. That ranking is the paper's rule (``threshold=None``); with a
-threshold, only probabilities at or above it may become positives and only those below it negatives, so a quota
-the teacher cannot fill on its side of the threshold is left short instead of taking unconfident predictions.
+probabilities become positives, the lowest negatives. With patient-clustered multi-label data the labeled
+proportion can be far above what U holds (one patient's 21 Edema images in D asked for 50 Edema pseudo-positives
+where U held 1), so by default (``quota_prevalence="min"``) the positive quota is also capped by the number of
+positives the teacher expects in U, the rounded sum of its probabilities. The ranking is the paper's rule
+(``threshold=None``); with a threshold, only probabilities at or above it may become positives and only those below
+it negatives, so a quota the teacher cannot fill on its side of the threshold is left short instead of taking
+unconfident predictions.
 
 Multi-label predictions (C > 1, the paper's suggested extension) are filtered per class independently, so the
 result is a mask over (image, class) pairs: the student's loss must then be masked (binary cross-entropy only on
@@ -22,9 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["FilterResult", "balanced_filter", "class_proportions", "filtered_datalist", "flip_rate"]
+__all__ = [
+    "QUOTA_PREVALENCES", "FilterResult", "balanced_filter", "class_proportions", "filtered_datalist", "flip_rate",
+]
 
 logger = logging.getLogger("monai_cxr_ssl")
+
+QUOTA_PREVALENCES = ("labeled", "predicted", "min")
 
 
 @dataclass
@@ -33,14 +41,16 @@ class FilterResult:
 
     ``mask`` (N, C) marks the kept (image, class) pairs; ``positive`` (N, C) those kept as positives; ``labels``
     (N, C) holds 1/0 (hard) or the probability (soft) where kept and 0 elsewhere; ``counts`` maps each class name to
-    its kept / quota / candidate counts; ``shortfalls`` describes the classes that had fewer candidates than their
-    quota; ``threshold`` is the one used (None: ranking only).
+    its kept / quota / candidate counts, the prevalences behind the quota (``labeled_prevalence``,
+    ``predicted_prevalence``: the mean teacher probability) and ``predicted_positive`` (their rounded sum);
+    ``shortfalls`` describes the classes that had fewer candidates than their quota; ``threshold`` is the one used
+    (None: ranking only).
     """
 
     mask: np.ndarray
     positive: np.ndarray
     labels: np.ndarray
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    counts: dict[str, dict[str, float]] = field(default_factory=dict)
     shortfalls: list[str] = field(default_factory=list)
     threshold: float | None = None
 
@@ -79,6 +89,7 @@ def balanced_filter(
     soft: bool = False,
     threshold: float | None = None,
     class_names: Sequence[str] | None = None,
+    quota_prevalence: str = "min",
 ) -> FilterResult:
     """Keep the ``keep_fraction`` most confident pseudo-labels of each class, balanced as the labeled set.
 
@@ -91,6 +102,10 @@ def balanced_filter(
             the ``K·(1-p)`` lowest of the rest negatives. A number restricts positives to probabilities ≥ it and
             negatives to those below it.
         class_names: names used in ``counts`` and messages (default ``class_0``, ``class_1``, ...).
+        quota_prevalence: the prevalence behind the positive quota: ``"labeled"`` (the paper) round(K·p) with p from
+            ``positive_fraction``; ``"predicted"`` round(K·q) with q the teacher's mean probability on U;
+            ``"min"`` (default) the labeled quota capped by round(Σ probabilities), the positives the teacher
+            expects in all of U. The negative quota is K minus the positive one.
 
     A class with fewer candidates than its quota keeps all of them and records a shortfall; the other side is
     not topped up, so a teacher biased towards one class cannot put more of that class in the kept set than its quota.
@@ -100,6 +115,8 @@ def balanced_filter(
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}.")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
+    if quota_prevalence not in QUOTA_PREVALENCES:
+        raise ValueError(f"quota_prevalence must be one of {QUOTA_PREVALENCES}, got {quota_prevalence!r}.")
     p = _to_numpy(probs)
     if p.ndim not in (1, 2) or (p.ndim == 2 and p.shape[1] == 0):
         raise ValueError(f"probs must have shape (N,) or (N, C) with C >= 1, got {p.shape}.")
@@ -124,8 +141,14 @@ def balanced_filter(
     counts: dict[str, dict[str, int]] = {}
     shortfalls: list[str] = []
     total = _round_half_up(keep_fraction * n)
+    expected = p.sum(axis=0)  # positives the teacher expects among the unlabeled images
     for c, name in enumerate(names):
-        quota_pos = _round_half_up(total * frac[c])
+        predicted = expected[c] / n if n else 0.0
+        quota_pos = {
+            "labeled": _round_half_up(total * frac[c]),
+            "predicted": _round_half_up(total * predicted),
+            "min": min(_round_half_up(total * frac[c]), _round_half_up(expected[c])),
+        }[quota_prevalence]
         quota_neg = total - quota_pos
         if threshold is None:
             pos = np.arange(n)
@@ -152,6 +175,9 @@ def balanced_filter(
             "quota_negative": quota_neg,
             "candidates_positive": len(pos),
             "candidates_negative": len(neg),
+            "labeled_prevalence": float(frac[c]),
+            "predicted_prevalence": float(predicted),
+            "predicted_positive": _round_half_up(expected[c]),
         }
         for side, cands, quota, rule in (("positive", pos, quota_pos, ">="), ("negative", neg, quota_neg, "<")):
             if len(cands) < quota:

@@ -30,7 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 
-from monai_cxr_ssl.results import columns, format_table1, table1
+from monai_cxr_ssl.results import columns, coverage, format_table1, table1, table1_notes
 from monai_cxr_ssl.settings import check_override_keys, check_settings
 from monai_cxr_ssl.tracking import claim_run, experiment_id, recorded_run, tracking_client
 from monai_cxr_ssl.utils import atomic_write, read_json, write_json
@@ -325,6 +325,7 @@ class Pipeline:
             split = parser.get_parsed_content("eval_split")
             metrics = read_json(stage_dir / f"{split}_metrics.json", "evaluation report", "re-run the evaluation")
             record["mean_auroc"] = metrics["mean_auroc"]
+            record["test_classes"] = coverage(metrics)
         write_json(done_file, record)
         started_file.unlink()
         return record
@@ -341,8 +342,9 @@ class Pipeline:
             "run_id": parent,
             "auroc": {step.column: auroc.get(step.column) for step in self.steps if step.column},
             "runs": {step.name: outputs[step.name]["run_id"] for step in ran},
+            "test_classes": {step.column: outputs[step.name].get("test_classes") for step in ran if step.column},
         }
-        table = format_table1(table1([results]))
+        table = format_table1(table1([results]), table1_notes([results]))
         write_json(self.output_dir / "results.json", results)
         with atomic_write(self.output_dir / "table1.md") as f:
             f.write(table)
@@ -395,7 +397,7 @@ def run_sweep(
         client.set_terminated(sweep, "FAILED")
         raise
     rows = table1(results)
-    table = format_table1(rows)
+    table = format_table1(rows, table1_notes(results))
     write_json(base / "table1.json", {"rows": rows, "results": results})
     with atomic_write(base / "table1.md") as f:
         f.write(table)

@@ -5,9 +5,11 @@ layout holds other methods' models (the mean teacher) and the AALS ablation's va
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+FEW_POSITIVES = 10  # a test AUROC resting on fewer positive images is flagged under the table
 
 
 def columns(rounds: int = 1, method: str = "teacher_student") -> list[str]:
@@ -43,9 +45,58 @@ def table1(results: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def format_table1(rows: Sequence[dict]) -> str:
+def coverage(report: dict) -> dict:
+    """What an evaluation report's mean AUROC rests on: ``{"covered", "left_out", "positives"}`` (classes whose
+    test AUROC is defined, those left out, positive test images per class)."""
+    auroc = report["auroc"]
+    return {
+        "covered": report.get("classes_covered", [c for c, v in auroc.items() if v is not None]),
+        "left_out": report.get("classes_left_out", [c for c, v in auroc.items() if v is None]),
+        "positives": dict(report["positives"]),
+    }
+
+
+def class_notes(coverages: Iterable[dict], few: int = FEW_POSITIVES) -> list[str]:
+    """Lines for under a table of mean test AUROCs: which classes the means cover (and which are left out, AUROC
+    undefined), and the covered classes whose AUROC rests on fewer than ``few`` positive test images (with their
+    count, or its range over the runs)."""
+    coverages = [c for c in coverages if c]
+    if not coverages:
+        return []
+    sets: dict[tuple, int] = defaultdict(int)
+    for c in coverages:
+        sets[tuple(c["covered"])] += 1
+    left_out = list(dict.fromkeys(name for c in coverages for name in c["left_out"]))
+    if len(sets) == 1:
+        (covered,) = sets
+        line = f"Mean AUROC over {len(covered)} class(es): {', '.join(covered)}"
+    else:
+        line = "Mean AUROC over different classes per run: " + "; ".join(
+            f"{', '.join(covered)} ({n} run{'s' if n > 1 else ''})" for covered, n in sets.items())
+    if left_out:
+        line += f"; left out (test AUROC undefined, one label value only): {', '.join(left_out)}"
+    lines = [line + "."]
+    counts: dict[str, list[int]] = defaultdict(list)
+    for c in coverages:
+        for name in c["covered"]:
+            if c["positives"].get(name) is not None:  # runs logged before positives were recorded lack them
+                counts[name].append(int(c["positives"][name]))
+    rare = {name: (min(n), max(n)) for name, n in counts.items() if min(n) < few}
+    if rare:
+        lines.append(f"Fewer than {few} positive test images (AUROC uncertain): " + ", ".join(
+            f"{name} ({lo}{'' if lo == hi else f'-{hi}'})" for name, (lo, hi) in rare.items()) + ".")
+    return lines
+
+
+def table1_notes(results: Sequence[dict]) -> list[str]:
+    """``class_notes`` over the test reports of pipeline results (their ``test_classes``: column -> coverage)."""
+    return class_notes(c for r in results for c in (r.get("test_classes") or {}).values())
+
+
+def format_table1(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
     """Markdown table in the paper's layout: ``| labeled | teacher | intermediate | student |``, values
-    ``mean ± std`` when a row has several seeds, ``-`` where a model does not exist (λ = 100%)."""
+    ``mean ± std`` when a row has several seeds, ``-`` where a model does not exist (λ = 100%); ``notes``
+    (``table1_notes``) follow the table as lines of their own."""
     cols = [k for k in rows[0] if k not in ("labeled_fraction", "seeds")] if rows else columns(1)
     lines = ["| labeled | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for row in rows:
@@ -61,4 +112,6 @@ def format_table1(rows: Sequence[dict]) -> str:
         label = "100% (supervised)" if row["labeled_fraction"] >= 1 else f"{row['labeled_fraction'] * 100:g}%"
         seeds = ",".join(str(s) for s in row["seeds"])
         lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"

@@ -65,7 +65,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_fraction": _interval(0, 1, False, False),
     "labeled_prevalence": _interval(0, 1, False, False, nullable=True),
     "seed": _whole(0),
-    "num_classes": _whole(1),
     "image_size": _whole(MIN_CROP_SIZE),
     "crop_size": _whole(MIN_CROP_SIZE),
     "batch_size": _whole(1),

@@ -133,3 +133,29 @@ def test_multilabel_filtered_datalist_marks_dropped_labels_nan(tmp_path):
     assert kept.sum(axis=0).tolist() == [4, 4]  # κ·|U| = 4 per pathology
     assert kept.any(axis=1).all()  # every listed image has at least one kept label
     assert set(np.unique(labels[kept])) <= {0.0, 1.0}
+
+
+def test_quota_follows_the_teachers_predicted_positives_and_is_logged(tmp_path, caplog):
+    import logging
+
+    split = _split(20)  # labeled set 20% positive: a quota of round(10 · 0.2) = 2 positives for κ = 0.5
+    probs = np.array([0.9] + [0.02] * 19)  # the teacher expects 0.9 + 19 · 0.02 = 1.28 → 1 positive in U
+    _pseudo_labels(tmp_path / "pl.jsonl", split, probs, tmp_path)
+    for mode, positives in (("min", ["u0"]), ("labeled", ["u0", "u1"])):
+        handler = BalancedFilter(tmp_path / "pl.jsonl", split, tmp_path / f"{mode}.json", keep_fraction=0.5,
+                                 quota_prevalence=mode)
+        engine = Engine(lambda e, b: None)
+        handler.attach(engine)
+        with caplog.at_level(logging.INFO, logger="monai_cxr_ssl"):
+            engine.run([0])
+        items = load_filtered_datalist(tmp_path / f"{mode}.json", split)
+        assert sorted(it["id"] for it in items if it["label"] == [1.0]) == positives, mode
+        metrics = engine.state.metrics
+        assert metrics["filter_quota_positive_Effusion"] == len(positives)
+        assert metrics["filter_predicted_positive_Effusion"] == 1
+        assert metrics["filter_predicted_prevalence_Effusion"] == pytest.approx(1.28 / 20, abs=1e-6)
+        assert metrics["filter_labeled_prevalence_Effusion"] == pytest.approx(0.2)
+    assert ("quota_prevalence=min): Effusion: +1 / -9 (positive quota 1: labeled prevalence 0.200, teacher "
+            "predicts 1 positives, prevalence 0.064)") in caplog.text
+    with pytest.raises(ValueError, match="quota_prevalence must be one of"):
+        BalancedFilter(tmp_path / "pl.jsonl", split, tmp_path / "x.json", quota_prevalence="labelled")

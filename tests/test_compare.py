@@ -149,3 +149,22 @@ def test_compare_command_against_an_mlflow_server(mlflow_server, tmp_path):
     summaries = client.search_runs([experiment], "attributes.run_name = 'compare'")
     assert len(summaries) == 1
     assert "roc.png" in {a.path for a in client.list_artifacts(summaries[0].info.run_id)}
+
+
+def test_comparison_table_names_covered_classes_and_flags_few_positives(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("cxr14", artifact_location=(tmp_path / "artifacts").as_uri())
+    log_evaluations(client, experiment, tmp_path, {("teacher", 0.1, 0): 0.7, ("finetune", 0.1, 0): 0.75},
+                    classes=("Effusion", "Mass"))
+    for run in client.search_runs([experiment]):  # as AUROCReport logs them; Hernia's test AUROC is undefined
+        client.log_param(run.info.run_id, "classes", "Effusion,Mass,Hernia")
+        for name, n in (("Effusion", 40), ("Mass", 6), ("Hernia", 0)):
+            client.log_metric(run.info.run_id, f"test_positives_{name}", n)
+    result = run_compare(["cxr14"], tmp_path / "out", tracking_uri=uri, log_summary=False)
+    lines = result["markdown"].splitlines()
+    assert lines[-2:] == [
+        "Mean AUROC over 2 class(es): Effusion, Mass; left out (test AUROC undefined, one label value only): Hernia.",
+        "Fewer than 10 positive test images (AUROC uncertain): Mass (6).",
+    ]
+    assert (tmp_path / "out" / "comparison.md").read_text() == result["markdown"]

@@ -57,3 +57,31 @@ def test_operating_point_uses_the_validation_threshold_on_test_data():
     assert point == {"threshold": 0.6, "sensitivity": 0.5, "specificity": 0.5}
     with pytest.raises(ValueError, match="positive and negative"):
         operating_point(np.ones(3), np.ones(3), test_labels, test_probs)
+
+
+def test_report_names_covered_and_left_out_classes(tmp_path, caplog):
+    import logging
+
+    import torch
+    from ignite.engine import Engine
+
+    from monai_cxr_ssl.handlers import AUROCReport
+
+    labels = np.array([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=float)
+    probs = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.5], [0.7, 0.2, 0.5], [0.1, 0.4, 0.5]])
+    report = auroc_report(labels, probs, ["A", "Hernia", "Edema"])
+    assert report["classes_covered"] == ["A"] and report["classes_left_out"] == ["Hernia", "Edema"]
+    assert report["positives"] == {"A": 2, "Hernia": 0, "Edema": 4}
+
+    handler = AUROCReport(str(tmp_path), ["A", "Hernia", "Edema"])
+    engine = Engine(lambda e, batch: batch)
+    handler.attach(engine)
+    batches = [[{"pred": torch.as_tensor(probs[i]), "label": torch.as_tensor(labels[i])} for i in (j, j + 1)]
+               for j in (0, 2)]  # decollated, as MONAI evaluators give them
+    with caplog.at_level(logging.INFO, logger="monai_cxr_ssl"):
+        metrics = engine.run(batches).metrics
+    assert metrics["test_mean_auroc"] == 1.0 and "test_auroc_Hernia" not in metrics
+    assert {k: metrics[f"test_positives_{k}"] for k in ("A", "Hernia", "Edema")} == report["positives"]
+    assert "test AUROC on 4 images: mean 1.0000 over A (left out, undefined: Hernia, Edema)" in caplog.text
+    stored = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert stored["classes_covered"] == ["A"] and stored["classes_left_out"] == ["Hernia", "Edema"]

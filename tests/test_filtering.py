@@ -217,3 +217,32 @@ def test_random_inputs_respect_quotas_and_sides():
             assert counts["kept_positive"] == min(counts["quota_positive"], counts["candidates_positive"])
             assert counts["kept_negative"] == min(counts["quota_negative"], counts["candidates_negative"])
             assert result.mask[:, c].sum() == len(positives) + len(negatives)
+
+
+def test_positive_quota_is_capped_by_the_teachers_predicted_positives():
+    """Hand-computed: N = 10, κ = 1 → K = 10. Class 0: labeled prevalence 0.5 (quota 5) but the probabilities sum
+    to 2.0 (cap 2); class 1: labeled prevalence 0.1 (quota 1), probabilities summing to 4.4 (cap 4)."""
+    probs = np.zeros((10, 2))
+    probs[:, 0] = [0.9, 0.3] + [0.1] * 8
+    probs[:, 1] = [0.8, 0.2, 0.9, 0.1, 0.7, 0.3, 0.6, 0.4, 0.2, 0.2]
+    expected = {  # mode: (class 0 positives, class 1 positives)
+        "labeled": ([0, 1, 2, 3, 4], [2]),  # the paper; ties at 0.1 go to the lower index
+        "predicted": ([0, 1], [0, 2, 4, 6]),  # round(10 · 0.2) = 2, round(10 · 0.44) = 4
+        "min": ([0, 1], [2]),  # min(5, 2), min(1, 4)
+    }
+    for mode, (pos0, pos1) in expected.items():
+        result = balanced_filter(probs, [0.5, 0.1], keep_fraction=1.0, class_names=["Edema", "Mass"],
+                                 quota_prevalence=mode)
+        assert np.flatnonzero(result.positive[:, 0]).tolist() == pos0, mode
+        assert np.flatnonzero(result.positive[:, 1]).tolist() == pos1, mode
+        assert result.mask.all()  # K = N: every pseudo-label kept, the quota only moves the positive/negative line
+        assert result.counts["Edema"]["quota_positive"] == len(pos0)
+        assert result.counts["Edema"]["quota_negative"] == 10 - len(pos0)
+    counts = result.counts
+    assert counts["Edema"]["predicted_positive"] == 2 and counts["Mass"]["predicted_positive"] == 4
+    assert counts["Edema"]["predicted_prevalence"] == pytest.approx(0.2)
+    assert counts["Mass"]["predicted_prevalence"] == pytest.approx(0.44)
+    assert counts["Edema"]["labeled_prevalence"] == 0.5
+    with pytest.raises(ValueError, match=r"quota_prevalence must be one of \('labeled', 'predicted', 'min'\), "
+                                         "got 'teacher'"):
+        balanced_filter(probs, [0.5, 0.1], quota_prevalence="teacher")

@@ -135,11 +135,56 @@ def test_bad_arguments():
 def test_labeled_part_without_positive_or_negative():
     pool = make_items(100, prevalence=0.0)
     pool[0]["label"] = [1.0]
-    with pytest.raises(ValueError, match="no positive example of class 'Effusion'.*larger labeled_fraction"):
+    with pytest.raises(ValueError, match=r"no positive example of class 'Effusion' \(1 in the training pool\): "
+                                         r"whole patients move .*need not help; try another seed"):
         make_split(pool, 0.05, classes=["Effusion"])
     all_positive = [{**it, "label": [1.0]} for it in pool]
     with pytest.raises(ValueError, match="no negative example"):
         make_split(all_positive, 0.5)
+
+
+def _multilabel_pool(n: int = 300) -> list[dict]:
+    """Three classes: A common, B rarer, C with two positive images of one patient."""
+    rng = np.random.default_rng(4)
+    items = []
+    for i in range(n):
+        label = [float(rng.random() < 0.4), float(rng.random() < 0.15), float(i in (8, 9))]
+        items.append({"image": f"/d/{i}.png", "label": label, "id": f"{i:04d}.png", "patient_id": str(i // 2)})
+    return items
+
+
+def test_rare_multilabel_class_is_left_out_and_named(caplog):
+    pool = _multilabel_pool()
+    with caplog.at_level(logging.WARNING, logger="monai_cxr_ssl"):
+        split = make_split(pool, 0.1, seed=0, classes=["A", "B", "C"])
+    # patient 3 (images 8 and 9, both C) is not in the 10% labeled part with this seed
+    labeled_ids = set(ids(split["labeled"]))
+    assert not {"0008.png", "0009.png"} & labeled_ids
+    in_training = sum(1 for p in ("labeled", "unlabeled") for it in split[p] if it["id"] in ("0008.png", "0009.png"))
+    assert split["classes"] == ["A", "B"]
+    assert split["left_out_classes"] == {"C": {"pool": in_training, "labeled": 0}}
+    assert all(len(it["label"]) == 2 for p in PARTS for it in split[p])
+    original = {it["id"]: it["label"] for it in pool}
+    assert all(it["label"] == original[it["id"]][:2] for p in PARTS for it in split[p])
+    assert "leaving out class(es) ['C']" in caplog.text
+    assert f"C ({in_training} in the training pool, 0 labeled)" in caplog.text
+    assert "another seed" in caplog.text and "min_positives" in caplog.text and "`classes`" in caplog.text
+
+
+def test_min_positives_and_all_classes_rare():
+    pool = _multilabel_pool()
+    split = make_split(pool, 0.1, seed=0, classes=["A", "B", "C"], min_positives=1)
+    positives = {name: sum(it["label"][k] for it in split["labeled"]) for k, name in enumerate(split["classes"])}
+    threshold = int(positives["B"]) + 1  # B just below the threshold, A well above it
+    assert positives["A"] >= threshold
+    higher = make_split(pool, 0.1, seed=0, classes=["A", "B", "C"], min_positives=threshold)
+    assert higher["classes"] == ["A"] and set(higher["left_out_classes"]) == {"B", "C"}
+    with pytest.raises(ValueError, match="every class has fewer than min_positives=1000 .*another seed, a lower "
+                                         "min_positives, or `classes`"):
+        make_split(pool, 0.1, seed=0, classes=["A", "B", "C"], min_positives=1000)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="min_positives must be an integer >= 1"):
+            make_split(pool, 0.1, min_positives=bad)
 
 
 def test_fingerprint():
@@ -224,8 +269,76 @@ def test_prepare_split_bad_images(tmp_path, caplog):
 
 def test_prepare_split_num_classes(tmp_path):
     source = ClassFolders(str(make_folders(tmp_path)), "OPACITY")
-    with pytest.raises(ValueError, match="set num_classes to 1"):
+    with pytest.raises(ValueError, match=r"num_classes is 14 but the split keeps 1 class\(es\) \['OPACITY'\]; "
+                                         "remove the num_classes setting .* or set it to 1"):
         prepare_split(source, tmp_path / "split.json", 0.5, num_classes=14)
+    assert not (tmp_path / "split.json").exists()
+
+
+def _three_class_csv(tmp_path: Path) -> CsvSource:
+    rows = []
+    for i, it in enumerate(_multilabel_pool(120)):
+        write_png(tmp_path / f"img/{i}.png")
+        rows.append([f"img/{i}.png", *(int(v) for v in it["label"]), it["patient_id"]])
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "A", "B", "C", "patient"], *rows])
+    return CsvSource(str(tmp_path / "labels.csv"), label_columns=["A", "B", "C"], patient_column="patient")
+
+
+def test_prepare_split_classes_and_min_positives_are_recorded(tmp_path):
+    source = _three_class_csv(tmp_path)
+    split = prepare_split(source, tmp_path / "split.json", 0.5, classes=["C", "A"], min_positives=3, num_classes=1)
+    stored = json.loads((tmp_path / "split.json").read_text())
+    assert stored["classes"] == split["classes"] == ["A"]  # C has 2 positive images in all: left out
+    assert stored["left_out_classes"]["C"]["labeled"] < 3
+    assert stored["params"]["classes"] == ["C", "A"] and stored["params"]["min_positives"] == 3
+    assert all(len(it["label"]) == 1 for p in PARTS for it in stored[p])
+    assert stored["positives"]["labeled"] == [sum(it["label"][0] for it in stored["labeled"])]
+    again = prepare_split(source, tmp_path / "split.json", 0.5, classes=["C", "A"], min_positives=3)  # reused
+    assert again["classes"] == ["A"] and again["labeled"] == split["labeled"]
+    with pytest.raises(ValueError, match="made from different parameters"):
+        prepare_split(source, tmp_path / "split.json", 0.5, classes=["A", "B"], min_positives=3)
+    with pytest.raises(ValueError, match="made from different parameters"):
+        prepare_split(source, tmp_path / "split.json", 0.5, classes=["C", "A"])
+
+
+@pytest.mark.parametrize("classes, message", [
+    (["A", "Hernia"], r"classes: unknown class\(es\) \['Hernia'\] for the CsvSource source; "
+                      r"choose from \['A', 'B', 'C'\]"),
+    (["A", "A"], r"class\(es\) \['A'\] listed twice"),
+    ([], "classes must be a non-empty list"),
+    ("A", "classes must be a non-empty list"),
+])
+def test_prepare_split_bad_classes(tmp_path, classes, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_split(_three_class_csv(tmp_path), tmp_path / "split.json", 0.5, classes=classes)
+    assert not (tmp_path / "split.json").exists()
+
+
+def test_chestxray14_sample_rare_classes_and_subset(shared_data, tmp_path, caplog):
+    from monai_cxr_ssl.data import ChestXray14
+
+    source = ChestXray14(str(shared_data / "chestxray14_sample"), task="multilabel")
+    data = source.load()
+    with caplog.at_level(logging.WARNING, logger="monai_cxr_ssl"):
+        split = prepare_split(source, tmp_path / "split.json", 0.1, seed=0)
+    left_out = split["left_out_classes"]
+    assert left_out and set(left_out) | set(split["classes"]) == set(data.classes)
+    assert [c for c in data.classes if c in split["classes"]] == split["classes"]  # source order kept
+    training = split["labeled"] + split["unlabeled"]
+    for name, counts in left_out.items():
+        pool_positives = int(sum(it["label"][data.classes.index(name)] for it in data.pool
+                             if it["id"] in {t["id"] for t in training}))
+        assert counts == {"pool": pool_positives, "labeled": 0}
+        assert f"{name} ({pool_positives} in the training pool, 0 labeled)" in caplog.text
+    assert all(len(it["label"]) == len(split["classes"]) for it in training + split["test"])
+    assert split["positives"]["labeled"] == [int(sum(it["label"][k] for it in split["labeled"]))
+                                             for k in range(len(split["classes"]))]
+    subset = prepare_split(source, tmp_path / "subset.json", 0.1, seed=0, classes=["Effusion", "Pneumonia"])
+    assert subset["classes"] == ["Effusion", "Pneumonia"] and subset["left_out_classes"] == {}
+    by_id = {it["id"]: it["label"] for it in data.pool + data.test}
+    eff, pneu = data.classes.index("Effusion"), data.classes.index("Pneumonia")
+    assert all(it["label"] == [by_id[it["id"]][eff], by_id[it["id"]][pneu]] for it in subset["test"])
 
 
 def test_prepare_split_groups_patients_without_writing_their_ids(tmp_path):

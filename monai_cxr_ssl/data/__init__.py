@@ -18,10 +18,12 @@ from monai_cxr_ssl.data.readers import (
 )
 from monai_cxr_ssl.data.sampling import samples_per_epoch
 from monai_cxr_ssl.data.splits import (
+    check_num_classes,
     fingerprint,
     load_split,
     make_split,
     prepare_split,
+    select_classes,
     split_fingerprint,
     subsample,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "LoadCXRImaged",
     "SourceData",
     "check_image",
+    "check_num_classes",
     "dicom_to_image",
     "find_images",
     "fingerprint",
@@ -48,6 +51,7 @@ __all__ = [
     "prepare_split",
     "read_cxr",
     "samples_per_epoch",
+    "select_classes",
     "split_fingerprint",
     "subsample",
     "unlabeled_datalist",

@@ -13,13 +13,17 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from monai_cxr_ssl.utils import read_json, write_json
 
-__all__ = ["fingerprint", "load_split", "make_split", "prepare_split", "split_fingerprint", "subsample"]
+__all__ = [
+    "check_num_classes", "fingerprint", "load_split", "make_split", "prepare_split", "select_classes",
+    "split_fingerprint", "subsample",
+]
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -134,7 +138,8 @@ def make_split(
     test_fraction: float = 0.2,
     classes: Sequence[str] | None = None,
     labeled_prevalence: float | None = None,
-) -> dict[str, list[dict]]:
+    min_positives: int = 1,
+) -> dict[str, Any]:
     """Split datalist items into ``labeled``, ``unlabeled``, ``validation`` and ``test`` parts.
 
     ``validation`` (``val_fraction`` of the pool) and ``test`` (``test_fraction`` of the pool) are carved from
@@ -148,16 +153,24 @@ def make_split(
       the rare classes, which are the ones at risk of vanishing from a small labeled part, represented.
     - Deterministic: inputs are sorted by id and shuffled with ``numpy.random.default_rng(seed)``.
 
-    ``classes`` (optional) names the classes in error messages.
+    ``classes`` (optional) names the classes (default ``#0``, ``#1`` ...).
+
+    ``min_positives``: a multi-label class with fewer positives than this in the labeled part is left out, logged
+    with its positives in the training pool and the labeled part: its label is dropped from every item (the split
+    is made with it, so leaving it out does not move images). The result's ``classes`` lists the kept classes and
+    ``left_out_classes`` maps each left-out class to ``{"pool": n, "labeled": m}`` (training-pool and labeled
+    positives).
 
     ``labeled_prevalence`` (binary labels only) lowers the share of positives in the labeled part to this value by
     moving randomly chosen labeled positives to the unlabeled part, to study a rarer finding on the same images;
     a labeled part already at or below it is left as it is.
 
     Raises:
-        ValueError: on bad fractions, an empty pool, duplicate ids, or a labeled part missing a positive
-            (or, for binary labels, a negative) example of some class.
+        ValueError: on bad fractions, an empty pool, duplicate ids, a labeled part where no class keeps
+            ``min_positives`` positives, or (binary labels) one without a negative.
     """
+    if isinstance(min_positives, bool) or not isinstance(min_positives, int) or min_positives < 1:
+        raise ValueError(f"min_positives must be an integer >= 1, got {min_positives!r}.")
     _check_fraction("labeled_fraction", labeled_fraction, allow_one=True)
     _check_fraction("val_fraction", val_fraction)
     _check_fraction("test_fraction", test_fraction)
@@ -186,18 +199,58 @@ def make_split(
     parts["validation"] = held_out["validation"] if validation is None else sorted(validation, key=lambda it: it["id"])
     parts["test"] = held_out["test"] if test is None else sorted(test, key=lambda it: it["id"])
 
+    names = list(classes) if classes is not None else [f"#{c}" for c in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names {names} for label vectors of length {num_classes}.")
     labeled = parts["labeled"]
     positives = _positives(labeled, num_classes)
-    names = list(classes) if classes is not None else [f"#{c}" for c in range(num_classes)]
-    for c in range(num_classes):
-        negatives = len(labeled) - positives[c]
-        if positives[c] == 0 or (num_classes == 1 and negatives == 0):
-            kind = "positive" if positives[c] == 0 else "negative"
-            raise ValueError(
-                f"the labeled split ({len(labeled)} images, labeled_fraction={labeled_fraction}) has no {kind} "
-                f"example of class {names[c]!r}; use a larger labeled_fraction."
-            )
-    return {k: parts[k] for k in PARTS}
+    in_pool = _positives(labeled + parts["unlabeled"], num_classes)
+    where = (f"the labeled part ({len(labeled)} of {len(labeled) + len(parts['unlabeled'])} training images, "
+             f"labeled_fraction={labeled_fraction}, seed={seed})")
+    if num_classes == 1 and (positives[0] == 0 or positives[0] == len(labeled)):
+        kind, pool_count = ("positive", in_pool[0]) if positives[0] == 0 else (
+            "negative", len(labeled) + len(parts["unlabeled"]) - in_pool[0])
+        raise ValueError(
+            f"{where} has no {kind} example of class {names[0]!r} ({pool_count} in the training pool): whole "
+            "patients move between parts, so a larger labeled_fraction need not help; try another seed."
+        )
+    rare = [c for c in range(num_classes) if positives[c] < min_positives]
+    counts = {names[c]: {"pool": in_pool[c], "labeled": positives[c]} for c in rare}
+    advice = (f"fewer than min_positives={min_positives} positive(s) in {where}: "
+              + ", ".join(f"{n} ({v['pool']} in the training pool, {v['labeled']} labeled)" for n, v in counts.items()))
+    if len(rare) == num_classes:
+        raise ValueError(
+            f"every class has {advice}; whole patients move between parts, so a larger labeled_fraction need not "
+            "help: try another seed, a lower min_positives, or `classes` to select classes that occur."
+        )
+    if rare:
+        logger.warning(
+            "leaving out class(es) %s from training and reporting: %s. To keep them: another seed, a lower "
+            "min_positives, or `classes` to choose the classes.", [names[c] for c in rare], advice,
+        )
+    keep = [c for c in range(num_classes) if c not in rare]
+    result: dict[str, Any] = {k: select_classes(parts[k], keep) if rare else parts[k] for k in PARTS}
+    result["classes"] = [names[c] for c in keep]
+    result["left_out_classes"] = counts
+    return result
+
+
+def select_classes(items: Sequence[dict], keep: Sequence[int]) -> list[dict]:
+    """Copies of ``items`` whose ``label`` vectors hold only the classes at indices ``keep``, in that order."""
+    return [{**it, "label": [it["label"][c] for c in keep]} for it in items]
+
+
+def check_num_classes(num_classes: int, split: dict) -> int:
+    """``num_classes`` (the network's outputs) if it equals the number of classes the split keeps; else ValueError.
+
+    The bundles derive it from the split (``"$len(@split['classes'])"``), so only a set value can differ.
+    """
+    if int(num_classes) != len(split["classes"]):
+        raise ValueError(
+            f"num_classes is {num_classes} but the split keeps {len(split['classes'])} class(es) {split['classes']}; "
+            f"remove the num_classes setting (it follows the split) or set it to {len(split['classes'])}."
+        )
+    return int(num_classes)
 
 
 def load_split(path: str | os.PathLike) -> dict:
@@ -261,6 +314,20 @@ def _patient_overlap(data, allow: bool) -> dict[str, int]:
     return overlaps
 
 
+def _chosen_classes(classes: Sequence[str] | None, available: Sequence[str], source: str) -> list[int]:
+    """Indices into ``available`` of the ``classes`` setting (None: all), checked."""
+    if classes is None:
+        return list(range(len(available)))
+    if isinstance(classes, str) or not classes:
+        raise ValueError(f"classes must be a non-empty list of class names or null (all), got {classes!r}.")
+    unknown = [c for c in classes if c not in available]
+    repeated = sorted({c for c in classes if list(classes).count(c) > 1})
+    if unknown or repeated:
+        what = f"unknown class(es) {unknown}" if unknown else f"class(es) {repeated} listed twice"
+        raise ValueError(f"classes: {what} for the {source} source; choose from {list(available)} or null (all).")
+    return [list(available).index(c) for c in classes]
+
+
 def prepare_split(
     source,
     split_file: str | os.PathLike,
@@ -271,6 +338,8 @@ def prepare_split(
     num_classes: int | None = None,
     labeled_prevalence: float | None = None,
     allow_patient_overlap: bool = False,
+    classes: Sequence[str] | None = None,
+    min_positives: int = 1,
 ) -> dict:
     """Load ``source``, then return the split stored in ``split_file``, making and writing it on first use.
 
@@ -281,16 +350,20 @@ def prepare_split(
         seed: seed of the split.
         val_fraction: share of the pool held out for validation when the source has no validation split.
         bad_images: ``"fail"`` to stop on unreadable images, ``"skip"`` to leave them out (listed in ``skipped``).
-        num_classes: the network's number of outputs, checked against the source's classes when given.
+        num_classes: the network's number of outputs, checked against the kept classes when given.
         labeled_prevalence: for binary labels, the share of positives to subsample the labeled part to (the rest
             of its positives become unlabeled); None keeps the stratified share.
         allow_patient_overlap: accept a source whose own validation or test lists share patients with its
             training pool (refused by default, see ``_patient_overlap``).
+        classes: the source's classes to use, in this order (e.g. some ChestX-ray14 pathologies); None: all.
+        min_positives: classes with fewer labeled positives are left out of training and reporting (logged, and
+            listed in the split's ``left_out_classes``); see ``make_split``.
 
     Returns:
-        The split: ``labeled``, ``unlabeled``, ``validation`` and ``test`` datalists plus ``classes``,
-        ``counts``, ``positives``, ``fingerprint``, ``params`` and ``skipped``. Patient ids only serve the
-        grouping; the stored items drop ``patient_id`` so the file carries no patient identifiers.
+        The split: ``labeled``, ``unlabeled``, ``validation`` and ``test`` datalists plus ``classes`` (the kept
+        classes; labels hold these only), ``left_out_classes``, ``counts``, ``positives``, ``fingerprint``,
+        ``params`` and ``skipped``. Patient ids only serve the grouping; the stored items drop ``patient_id`` so
+        the file carries no patient identifiers.
     """
     if bad_images not in _BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images must be one of {_BAD_IMAGE_POLICIES}, got {bad_images!r}.")
@@ -298,15 +371,15 @@ def prepare_split(
     _check_fraction("val_fraction", val_fraction)
     data = source.load()
     overlaps = _patient_overlap(data, allow_patient_overlap)
-    if num_classes is not None and num_classes != len(data.classes):
-        raise ValueError(
-            f"the dataset has {len(data.classes)} class(es) {data.classes} but num_classes is {num_classes}; "
-            f"set num_classes to {len(data.classes)}."
-        )
     everything = data.pool + (data.validation or []) + (data.test or [])
     params = {"labeled_fraction": labeled_fraction, "seed": seed, "val_fraction": val_fraction, "test_fraction": 0.2}
-    if labeled_prevalence is not None:  # recorded only when set, so that earlier split files stay valid
+    # recorded only when set, so that earlier split files stay valid
+    if labeled_prevalence is not None:
         params["labeled_prevalence"] = labeled_prevalence
+    if classes is not None:
+        params["classes"] = list(classes)
+    if min_positives != 1:
+        params["min_positives"] = min_positives
     current = fingerprint(everything)
     split_file = Path(split_file)
     if split_file.exists():
@@ -322,13 +395,17 @@ def prepare_split(
         for part in PARTS:
             for it in split[part]:
                 it["image"] = paths[it["id"]]
+        if num_classes is not None:
+            check_num_classes(num_classes, split)
         split["split_fingerprint"] = split_fingerprint(split)
         return split
 
+    chosen = _chosen_classes(classes, data.classes, type(source).__name__)
     skipped = set(_check_images(everything, bad_images))
-    keep = [it for it in data.pool if it["id"] not in skipped]
-    validation, test = ([it for it in p or [] if it["id"] not in skipped] or None for p in (data.validation, data.test))
-    parts = make_split(
+    keep = select_classes([it for it in data.pool if it["id"] not in skipped], chosen)
+    validation, test = (select_classes([it for it in p or [] if it["id"] not in skipped], chosen) or None
+                        for p in (data.validation, data.test))
+    made = make_split(
         keep,
         labeled_fraction,
         seed=seed,
@@ -336,17 +413,21 @@ def prepare_split(
         validation=validation,
         test=test,
         test_fraction=params["test_fraction"],
-        classes=data.classes,
+        classes=[data.classes[c] for c in chosen],
         labeled_prevalence=labeled_prevalence,
+        min_positives=min_positives,
     )
+    if num_classes is not None:
+        check_num_classes(num_classes, made)
     # Patient ids only serve the grouping above; they are not written out.
-    parts = {k: [{key: val for key, val in it.items() if key != "patient_id"} for it in v] for k, v in parts.items()}
-    n = len(data.classes)
+    parts = {k: [{key: val for key, val in it.items() if key != "patient_id"} for it in made[k]] for k in PARTS}
+    n = len(made["classes"])
     split = {
         "version": SPLIT_VERSION,
         "fingerprint": current,
         "params": params,
-        "classes": list(data.classes),
+        "classes": made["classes"],
+        "left_out_classes": made["left_out_classes"],
         "counts": {k: len(v) for k, v in parts.items()},
         "positives": {k: _positives(v, n) for k, v in parts.items()},
         **parts,

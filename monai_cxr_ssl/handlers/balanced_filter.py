@@ -9,7 +9,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from monai_cxr_ssl.filtering import balanced_filter, class_proportions, filtered_datalist, flip_rate
+from monai_cxr_ssl.filtering import (
+    QUOTA_PREVALENCES,
+    balanced_filter,
+    class_proportions,
+    filtered_datalist,
+    flip_rate,
+)
 from monai_cxr_ssl.pseudo_labels import file_sha256, read_pseudo_labels, write_filtered_datalist
 from monai_cxr_ssl.sharpening import aals, check_aals_parameters
 
@@ -24,9 +30,11 @@ class BalancedFilter:
 
     Attach it to the pseudo-label evaluator after ``PseudoLabelWriter`` (it reads that handler's file at
     ``EPOCH_COMPLETED``) and before ``MLFlowHandler``: it adds ``filter_kept`` and, per class,
-    ``filter_kept_positive_<c>`` / ``filter_kept_negative_<c>`` (and ``filter_flip_rate_<c>`` when the file holds
-    the true labels) to ``engine.state.metrics``; with ``sharpening="aals"`` also ``aals_raised_fraction``, the
-    share of kept pseudo-labels that sharpening raised.
+    ``filter_kept_positive_<c>`` / ``filter_kept_negative_<c>``, the positive quota ``filter_quota_positive_<c>``
+    beside what it rests on (``filter_labeled_prevalence_<c>``, ``filter_predicted_prevalence_<c>`` = the teacher's
+    mean probability, ``filter_predicted_positive_<c>`` = their rounded sum), and ``filter_flip_rate_<c>`` when the
+    file holds the true labels, to ``engine.state.metrics``; with ``sharpening="aals"`` also
+    ``aals_raised_fraction``, the share of kept pseudo-labels that sharpening raised.
 
     Args:
         pseudo_label_file: the file ``PseudoLabelWriter`` writes.
@@ -40,6 +48,8 @@ class BalancedFilter:
             (``monai_cxr_ssl.sharpening.aals``) as a soft label instead of 0/1 or the raw probability.
         aals_t: AALS centre t, in (0, 1).
         aals_a0: AALS strength a0, >= 1.
+        quota_prevalence: ``"min"`` (default: the labeled set's proportion, capped by the positives the teacher
+            predicts in U), ``"labeled"`` (the paper) or ``"predicted"``; see ``filtering.balanced_filter``.
     """
 
     def __init__(
@@ -53,6 +63,7 @@ class BalancedFilter:
         sharpening: str | None = None,
         aals_t: float = 0.4,
         aals_a0: float = 4.0,
+        quota_prevalence: str = "min",
     ) -> None:
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction (κ) must be in (0, 1], got {keep_fraction}.")
@@ -60,6 +71,8 @@ class BalancedFilter:
             raise ValueError(f"sharpening must be one of {SHARPENINGS}, got {sharpening!r}.")
         if sharpening == "aals":
             check_aals_parameters(aals_t, aals_a0)  # now, rather than after pseudo-labelling
+        if quota_prevalence not in QUOTA_PREVALENCES:
+            raise ValueError(f"quota_prevalence must be one of {QUOTA_PREVALENCES}, got {quota_prevalence!r}.")
         self.pseudo_label_file = pseudo_label_file
         self.split = split
         self.output_file = output_file
@@ -69,6 +82,7 @@ class BalancedFilter:
         self.sharpening = sharpening
         self.aals_t = aals_t
         self.aals_a0 = aals_a0
+        self.quota_prevalence = quota_prevalence
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -82,7 +96,8 @@ class BalancedFilter:
         unlabeled = {it["id"]: it for it in self.split["unlabeled"]}
         items = [unlabeled[i] for i in ids]
         result = balanced_filter(
-            probs, class_proportions(self.split["labeled"]), self.keep_fraction, self.soft, self.threshold, classes
+            probs, class_proportions(self.split["labeled"]), self.keep_fraction, self.soft, self.threshold, classes,
+            quota_prevalence=self.quota_prevalence,
         )
         raised = None
         if self.sharpening == "aals":
@@ -98,6 +113,7 @@ class BalancedFilter:
             "keep_fraction": self.keep_fraction,
             "soft": self.soft,
             "threshold": self.threshold,
+            "quota_prevalence": self.quota_prevalence,
             "sharpening": self.sharpening,
             **({"aals_t": self.aals_t, "aals_a0": self.aals_a0} if self.sharpening else {}),
             "counts": result.counts,
@@ -113,10 +129,18 @@ class BalancedFilter:
         for name, flip in zip(classes, flips, strict=True):
             metrics[f"filter_kept_positive_{name}"] = result.counts[name]["kept_positive"]
             metrics[f"filter_kept_negative_{name}"] = result.counts[name]["kept_negative"]
+            for key in ("quota_positive", "labeled_prevalence", "predicted_prevalence", "predicted_positive"):
+                metrics[f"filter_{key}_{name}"] = result.counts[name][key]
             if not np.isnan(flip):
                 metrics[f"filter_flip_rate_{name}"] = float(flip)
         logger.info(
-            "balanced filter kept %d of %d unlabeled images (κ=%s, %s labels): %s",
+            "balanced filter kept %d of %d unlabeled images (κ=%s, %s labels, quota_prevalence=%s): %s",
             len(kept), len(ids), self.keep_fraction, self.sharpening or ("soft" if self.soft else "hard"),
-            "; ".join(f"{n}: +{c['kept_positive']} / -{c['kept_negative']}" for n, c in result.counts.items()),
+            self.quota_prevalence,
+            "; ".join(
+                f"{n}: +{c['kept_positive']} / -{c['kept_negative']} (positive quota {c['quota_positive']}: labeled "
+                f"prevalence {c['labeled_prevalence']:.3f}, teacher predicts {c['predicted_positive']} positives, "
+                f"prevalence {c['predicted_prevalence']:.3f})"
+                for n, c in result.counts.items()
+            ),
         )

@@ -4,6 +4,7 @@ and the full training state after every epoch so that a killed run resumes where
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -77,9 +78,12 @@ class BestCheckpoint:
     ``candidates`` (``{metric name: network}``) add more models scored by the same evaluator, such as the EMA
     teacher of mean-teacher training: the file then holds whichever model has the best score so far.
 
-    Attach it to the validation evaluator. It has a ``state_dict`` (the best score so far), so a
-    trainer checkpoint that includes it resumes with the right best score rather than
-    overwriting the best model with the first epoch after a restart.
+    Attach it to the validation evaluator. It has a ``state_dict`` (the best score so far and ``best_epoch``, the
+    trainer epoch of the saved model), so a trainer checkpoint that includes it resumes with the right best score
+    rather than overwriting the best model with the first epoch after a restart.
+
+    A NaN score raises ``ValueError``: NaN never compares greater, so the file would silently keep an old model
+    (MONAI's ``ROCAUC`` is NaN when a validation class lacks positives; use ``monai_cxr_ssl.metrics.MeanDefinedAUROC``).
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class BestCheckpoint:
         self.metric_name = metric_name
         self.candidates = {metric_name: network, **(candidates or {})}
         self.chosen = metric_name  # the candidate scored best by the latest evaluation
+        self.best_epoch: int | None = None  # the trainer epoch whose model the file holds
         self.checkpoint = Checkpoint(
             to_save={"model": _ChosenModel(self)},
             save_handler=_AtomicFileSaver(save_dir, filename),
@@ -105,21 +110,39 @@ class BestCheckpoint:
         missing = [name for name in self.candidates if name not in engine.state.metrics]
         if missing:
             raise KeyError(f"BestCheckpoint: metric(s) {missing} not in {sorted(engine.state.metrics)}.")
-        self.chosen = max(self.candidates, key=lambda name: float(engine.state.metrics[name]))
-        return float(engine.state.metrics[self.chosen])
+        scores = {name: float(engine.state.metrics[name]) for name in self.candidates}
+        nan = [name for name, score in scores.items() if math.isnan(score)]
+        if nan:
+            raise ValueError(
+                f"BestCheckpoint: validation metric(s) {nan} are NaN at epoch {engine.state.epoch}, so the best model "
+                "cannot be chosen; use monai_cxr_ssl.metrics.MeanDefinedAUROC (mean over the classes whose AUROC is "
+                "defined) as the validation key metric."
+            )
+        self.chosen = max(scores, key=scores.__getitem__)
+        return scores[self.chosen]
 
     @property
     def best_score(self) -> float | None:
         return self.checkpoint._saved[-1].priority if self.checkpoint._saved else None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.checkpoint)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+
+    def _save(self, engine: Engine) -> None:
+        """Save when the score improves; record and log the epoch (the evaluator's epoch is the trainer's)."""
+        before = self.best_score
+        self.checkpoint(engine)
+        if self.best_score != before:
+            self.best_epoch = engine.state.epoch
+            logger.info("%s: best %s %.4f at epoch %d (%s)", self.checkpoint.save_handler.filename, self.metric_name,
+                        self.best_score, self.best_epoch, self.chosen)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.checkpoint.state_dict()
+        return {**self.checkpoint.state_dict(), "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state_dict: Mapping) -> None:
-        self.checkpoint.load_state_dict(state_dict)
+        self.best_epoch = state_dict.get("best_epoch")  # absent in checkpoints written before it was recorded
+        self.checkpoint.load_state_dict({k: v for k, v in state_dict.items() if k != "best_epoch"})
 
 
 class ResumableCheckpoint:

@@ -19,9 +19,10 @@ class AUROCReport:
     """Collects (probability, label) pairs over an evaluator run and writes the AUROC report.
 
     At the end of the run it writes ``<prefix>_metrics.json`` and ``<prefix>_roc.png`` into
-    ``output_dir`` and adds ``<prefix>_auroc_<class>`` and ``<prefix>_mean_auroc`` to
-    ``engine.state.metrics``, so a metrics logger attached after it (``MLFlowHandler``,
-    ``StatsHandler``) records them and can log the files as artifacts.
+    ``output_dir`` and adds ``<prefix>_auroc_<class>`` (classes whose AUROC is defined), ``<prefix>_mean_auroc``
+    (their mean) and ``<prefix>_positives_<class>`` (positive images per class) to ``engine.state.metrics``, so a
+    metrics logger attached after it (``MLFlowHandler``, ``StatsHandler``) records them and can log the files as
+    artifacts.
 
     ``output_transform`` maps ``engine.state.output`` to ``(probabilities, labels)``; the default
     suits MONAI evaluators whose post-processing applies the sigmoid.
@@ -62,12 +63,17 @@ class AUROCReport:
         for name, value in self.report["auroc"].items():
             if value is not None:
                 engine.state.metrics[f"{self.prefix}_auroc_{name}"] = value
+            engine.state.metrics[f"{self.prefix}_positives_{name}"] = self.report["positives"][name]
         if self.report["mean_auroc"] is not None:
             engine.state.metrics[f"{self.prefix}_mean_auroc"] = self.report["mean_auroc"]
+        left_out = self.report["classes_left_out"]
         logger.info(
-            "%s AUROC on %d images: mean %s; %s",
+            "%s AUROC on %d images: mean %s over %s%s; %s",
             self.prefix,
             self.report["num_images"],
             "n/a" if self.report["mean_auroc"] is None else f"{self.report['mean_auroc']:.4f}",
-            ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in self.report["auroc"].items()),
+            ", ".join(self.report["classes_covered"]) or "no class",
+            f" (left out, undefined: {', '.join(left_out)})" if left_out else "",
+            ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'} ({self.report['positives'][k]} positives)"
+                      for k, v in self.report["auroc"].items()),
         )
