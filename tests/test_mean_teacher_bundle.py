@@ -103,9 +103,9 @@ def test_mean_teacher_stage_on_weak_positives_logs_per_epoch_and_resumes(teacher
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("aals_t=1.5", "AALS centre t must be in (0, 1), got 1.5"),
-        ("aals_a0=0.5", "AALS strength a0 must be >= 1"),
-        ("ema_decay=1.0", "ema_decay (the teacher's EMA decay α) must be in [0, 1), got 1.0"),
+        ("aals_t=1.5", "setting aals_t=1.5 must be a number in (0, 1)"),
+        ("aals_a0=0.5", "setting aals_a0=0.5 must be a number >= 1"),
+        ("ema_decay=1.0", "setting ema_decay=1.0 must be a number in [0, 1)"),
         ("weak_label_column=report", "missing column(s) ['report']"),
     ],
 )

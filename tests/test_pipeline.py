@@ -203,10 +203,11 @@ def test_pipeline_killed_and_resumed_then_rerun_with_a_changed_setting(tiny):
     said = _lines(_pipeline({**settings, "finetune:num_epochs": 2}, root).stdout)
     for name in ("teacher", "pseudo_label", "student", "student/evaluate"):
         assert said[name].startswith("done earlier"), (name, said[name])
-    assert said["finetune"] == "re-running (settings changed: num_epochs)"
-    assert said["finetune/evaluate"] == "re-running (settings changed: num_epochs; input re-made: finetune)"
+    # finetune:num_epochs sets the fine-tune's own epoch setting (finetune_epochs)
+    assert said["finetune"] == "re-running (settings changed: finetune_epochs)"
+    assert said["finetune/evaluate"] == "re-running (settings changed: finetune_epochs; input re-made: finetune)"
     assert said["pseudo_label_r2"] == "re-running (input re-made: finetune)"
-    assert said["finetune_r2"] == "re-running (settings changed: num_epochs; input re-made: student_r2)"
+    assert said["finetune_r2"] == "re-running (settings changed: finetune_epochs; input re-made: student_r2)"
 
 
 @pytest.mark.slow
