@@ -205,7 +205,7 @@ def test_pipeline_killed_and_resumed_then_rerun_with_a_changed_setting(tiny):
         assert said[name].startswith("done earlier"), (name, said[name])
     # finetune:num_epochs sets the fine-tune's own epoch setting (finetune_epochs)
     assert said["finetune"] == "re-running (settings changed: finetune_epochs)"
-    assert said["finetune/evaluate"] == "re-running (settings changed: finetune_epochs; input re-made: finetune)"
+    assert said["finetune/evaluate"] == "re-running (settings changed: num_epochs; input re-made: finetune)"
     assert said["pseudo_label_r2"] == "re-running (input re-made: finetune)"
     assert said["finetune_r2"] == "re-running (settings changed: finetune_epochs; input re-made: student_r2)"
 
