@@ -63,11 +63,15 @@ _CORRUPT_HINT = "Re-export the image or remove it from the dataset (check_image 
 
 
 class ImageReadError(ValueError):
-    """An image file is missing, corrupt, or not a single 2D radiograph."""
+    """An image file is missing, corrupt, or not a single 2D radiograph; ``problem`` is the cause alone."""
+
+    def __init__(self, message: str, problem: str = "") -> None:
+        super().__init__(message)
+        self.problem = problem or message
 
 
 def _error(path: Path, problem: str, hint: str = _CORRUPT_HINT) -> ImageReadError:
-    return ImageReadError(f"Cannot read image '{path}': {problem}. {hint}.")
+    return ImageReadError(f"Cannot read image '{path}': {problem}. {hint}.", problem)
 
 
 def _detect_format(path: Path) -> str:
