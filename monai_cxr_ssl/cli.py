@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
     export.add_argument("--ood-images", type=int, default=None, metavar="N",
                         help="at most N images per split part (labeled, validation) for the out-of-distribution "
-                        "statistics; 0 exports without the check (default: 200)")
+                        "statistics; 0 exports without the check (default: 100)")
     export.set_defaults(func=cmd_export)
     return parser
 

@@ -45,7 +45,7 @@ NET_ID = "network_def"
 EXPORT_OVERRIDES = {f"{NET_ID}#probabilities": True, f"{NET_ID}#pretrained_weights": None}
 VALIDATION_PREDICTIONS = "validation_predictions.npz"
 EMBEDDED_CONFIG = "inference.json"  # the bundle config a runtime needs, with this model's values
-OOD_MAX_IMAGES = 200  # per split part: keeps export to a minute or two on a CPU
+OOD_MAX_IMAGES = 100  # per split part: each image is one forward pass; keeps export to minutes on a CPU
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -293,6 +293,11 @@ def model_metadata(
     stage_dir = Path(stage_dir)
     source = source or stage_dir / "config_executed.json"
     split_file = stage_dir.parent / "split.json"
+    if not split_file.is_file():
+        raise FileNotFoundError(
+            f"{split_file} does not exist: export needs the experiment's split (its classes, and its images for the "
+            f"out-of-distribution check) beside the stage folder {stage_dir.name}; pass a stage folder inside the "
+            "output folder its training wrote.")
     classes = load_split(split_file)["classes"]
     image_size, crop_size = _int_value(config, "image_size", source), _int_value(config, "crop_size", source)
     num_classes = _int_value(config, "num_classes", source)
@@ -348,7 +353,10 @@ def export_model(
     net = _network(len(info["classes"]), load_checkpoint(ckpt), ckpt)
     stats = None
     if ood_images:
-        stats, info["ood"] = ood_statistics(net, stage_dir, info["image_size"], info["crop_size"], ood_images)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        stats, info["ood"] = ood_statistics(net.to(device), stage_dir, info["image_size"], info["crop_size"],
+                                            ood_images)
+        net.cpu()
     inference = read_json(Path(bundle) / "configs" / EMBEDDED_CONFIG, "bundle inference config",
                           "reinstall monai-cxr-ssl")
     inference.update(num_classes=len(info["classes"]), image_size=info["image_size"], crop_size=info["crop_size"],

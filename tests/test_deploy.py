@@ -199,7 +199,7 @@ def test_sr_references_its_image_and_a_rerun_replaces_it(model, shared_data, tmp
     import highdicom as hd
 
     source = pydicom.dcmread(shared_data / "dicom" / CR)
-    source.AccessionNumber = "ACC123"
+    source.AccessionNumber, source.PatientAge, source.OtherPatientIDs = "ACC123", "045Y", "OTHER-ID"
     study, out = _study(tmp_path / "in", source), tmp_path / "out"
     model_path, _ = model
     uids = []
@@ -231,6 +231,7 @@ def test_sr_references_its_image_and_a_rerun_replaces_it(model, shared_data, tmp
     for key in ("PatientName", "PatientID", "StudyInstanceUID", "AccessionNumber", "StudyID", "StudyDate"):
         assert str(sr.get(key, "")) == str(source.get(key, "")), key
     assert sr.PatientBirthDate == "" and sr.PatientSex == "" and sr.ReferringPhysicianName == ""
+    assert "PatientAge" not in sr and "OtherPatientIDs" not in sr  # nothing else of the image is copied
     assert str(source.PatientName) not in err
 
 

@@ -40,12 +40,14 @@ def centre_crop(image: np.ndarray | torch.Tensor, image_size: int, crop_size: in
 def image_features(
     model: torch.nn.Module, paths: Sequence[str | os.PathLike], image_size: int, crop_size: int
 ) -> np.ndarray:
-    """``(N, 1024)`` pooled features of the centre crops of the images at ``paths`` (read with ``read_cxr``)."""
+    """``(N, 1024)`` pooled features of the centre crops of the images at ``paths`` (read with ``read_cxr``), on the
+    model's device."""
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(paths), BATCH_SIZE):
         batch = torch.stack([centre_crop(read_cxr(p), image_size, crop_size) for p in paths[start:start + BATCH_SIZE]])
         with torch.inference_mode():
-            out.append(model.pooled_features(batch).double().numpy())
+            out.append(model.pooled_features(batch.to(device)).double().cpu().numpy())
     return np.concatenate(out)
 
 

@@ -51,11 +51,12 @@ CHEST_WORDS = re.compile(
 DESCRIPTION_TAGS = ("StudyDescription", "SeriesDescription", "ProtocolName")
 SR_SERIES_NUMBER = 9901
 SR_FILE = "{uid}.dcm"
-# Patient and study attributes the SR copies from its image (through highdicom), empty when the image has none.
-SR_COPIED_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
-                  "ReferringPhysicianName", "AccessionNumber")
-# Demographics the SR does not need: copied empty (type 2).
-BLANKED_SR_TAGS = ("PatientBirthDate", "PatientSex", "ReferringPhysicianName")
+# The patient and study attributes the SR keeps from its image (through highdicom); nothing else is copied.
+SR_KEPT_TAGS = ("PatientName", "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "StudyID", "StudyDate",
+                "StudyTime", "AccessionNumber", "StudyDescription")
+# Type-2 attributes the SR must have: empty when the image has none; the demographics are always empty.
+SR_TYPE2_TAGS = ("PatientName", "PatientID", "StudyID", "StudyDate", "StudyTime", "AccessionNumber",
+                 "PatientBirthDate", "PatientSex", "ReferringPhysicianName")
 
 
 class DeployInputError(ValueError):
@@ -115,8 +116,9 @@ class ChestSeriesSelectorOperator(DICOMSeriesSelectorOperator):
     """Pick one radiograph series per study: a series that says chest (``body_part_evidence``) first, then, only with
     ``accept_unknown_body_part``, one whose body part is unknown; another body part is never picked."""
 
-    def __init__(self, fragment: Fragment, *args: Any, accept_unknown_body_part: bool = False, **kwargs: Any) -> None:
-        self.accept_unknown = accept_unknown_body_part
+    def __init__(self, fragment: Fragment, *args: Any, accept_unknown_body_part: bool = False,
+                 input_folder: Path | None = None, **kwargs: Any) -> None:
+        self.accept_unknown, self.input_folder = accept_unknown_body_part, input_folder
         super().__init__(fragment, *args, rules=CHEST_RADIOGRAPH_RULES, all_matched=True, **kwargs)
 
     def filter(self, selection_rules, dicom_study_list, all_matched=False, sort_by_sop_instance_count=False):
@@ -136,9 +138,9 @@ class ChestSeriesSelectorOperator(DICOMSeriesSelectorOperator):
                 chosen.append(study)
         if not chosen and unknown:
             raise DeployInputError(
-                f"no radiograph series says it shows the chest ({unknown} series with BodyPartExamined absent and no "
-                f"chest word in {', '.join(DESCRIPTION_TAGS)}); the app refuses images it cannot tell are chest "
-                "radiographs. Pass --accept-unknown-body-part to classify them anyway.")
+                f"{self.input_folder or 'input'}: no radiograph series says it shows the chest ({unknown} series with "
+                f"BodyPartExamined absent and no chest word in {', '.join(DESCRIPTION_TAGS)}); the app refuses images "
+                "it cannot tell are chest radiographs. Pass --accept-unknown-body-part to classify them anyway.")
         return chosen
 
 
@@ -268,18 +270,16 @@ def sr_uids(source: pydicom.Dataset, model: dict) -> tuple[str, str]:
 def build_sr(source: pydicom.Dataset, result: dict) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR in the source image's study: a Diagnostic Imaging Report container holding the findings
     text (``findings_text``), the algorithm name and an IMAGE item referencing the source instance, which is also
-    its evidence (CurrentRequestedProcedureEvidenceSequence). Patient and study attributes (``SR_COPIED_TAGS``) come
-    from the source through highdicom; ``BLANKED_SR_TAGS`` are emptied."""
+    its evidence (CurrentRequestedProcedureEvidenceSequence). Of the source's patient and study attributes only
+    ``SR_KEPT_TAGS`` are kept; birth date, sex and referring physician are written empty."""
     sop_uid, series_uid = sr_uids(source, result["model"])
-    evidence = pydicom.Dataset()  # the source's header, with the type-2 attributes highdicom copies always present
-    for element in source:
-        if element.keyword != "PixelData":
-            evidence.add(element)
-    for tag in SR_COPIED_TAGS:
+    evidence = pydicom.Dataset()  # only what the SR needs of the image: highdicom copies whatever it is given
+    for tag in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", *SR_KEPT_TAGS):
+        if tag in source:
+            evidence.add(source[tag])
+    for tag in SR_TYPE2_TAGS:
         if tag not in evidence:
             setattr(evidence, tag, "")
-    for tag in BLANKED_SR_TAGS:
-        setattr(evidence, tag, "")
     root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport)
     root.ContentSequence = [
         hd.sr.TextContentItem(name=codes.DCM.Finding, value=findings_text(result)[:1024],
