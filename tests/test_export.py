@@ -157,7 +157,7 @@ def test_not_a_checkpoint_gives_one_clear_line(experiment, tmp_path, capsys):
     assert not (tmp_path / "bad.ts").exists()
 
 
-def test_inference_bundle_names_skipped_files_and_writes_a_header(experiment, tmp_path):
+def test_inference_bundle_names_skipped_files_and_writes_a_header(experiment, tmp_path, capsys):
     """``python -m monai.bundle run`` of inference.json: DICOM without suffix or header is read, other files are
     named in the log, predictions.csv has a header with the split's class names and the known thresholds; a file
     that is not a checkpoint fails with one clear line."""
@@ -199,8 +199,13 @@ def test_inference_bundle_names_skipped_files_and_writes_a_header(experiment, tm
     assert abs(p[0] - p[1]) < 0.02  # the same picture, as DICOM and as PNG
     assert [int(r.split(",")[2]) for r in rows[1:]] == [int(v >= threshold) for v in p]
 
+    from monai_cxr_ssl.cli import main
+
     (stage / "models" / "model.pt").write_text("not a checkpoint")
-    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0
-    assert f"{stage / 'models' / 'model.pt'}: not a readable PyTorch checkpoint" in bad.stderr
-    assert "weights_only" not in bad.stderr
+    with pytest.raises(SystemExit):
+        main(["run", "inference", "--set", f"dataset_dir={images}", f"ckpt_path={stage / 'models' / 'model.pt'}",
+              f"output_dir={tmp_path / 'bad'}", "num_workers=0"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"monai-cxr-ssl: error: {stage / 'models' / 'model.pt'}: not a readable PyTorch checkpoint")
+    assert len(err.strip().splitlines()) == 1 and "weights_only" not in err
+    assert not (tmp_path / "bad" / "predictions.csv").exists()
