@@ -316,6 +316,7 @@ def test_export_thresholds_final_stage_and_bad_input(workspace, tmp_path):
     (copy / "validation_predictions.npz").unlink()
     with pytest.raises(FileNotFoundError, match="eval_split=validation"):
         export_model(copy, tmp_path / "bad.ts", threshold="youden")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a pipeline output folder"):
-        export_model(tmp_path, tmp_path / "bad.ts")
+        export_model(tmp_path / "empty", tmp_path / "bad.ts")
     assert not list(tmp_path.glob("bad.ts*")) and not list(tmp_path.glob(".bad.ts*"))
