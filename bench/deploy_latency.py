@@ -72,7 +72,7 @@ def main_bench() -> None:
         else:
             model_path = random_model(tmp / "model.ts", args.image_size, args.crop_size)
             source = f"random-weight DenseNet121 exported at {args.image_size}/{args.crop_size}"
-        model, meta = load_model(model_path)
+        model, meta, _, _ = load_model(model_path)
         info = meta["cxr_ssl"]
         print(f"MONAI Deploy app latency, {source}; median of {args.repeats} runs after a warm-up, "
               f"{torch.get_num_threads()} CPU threads")
@@ -87,7 +87,8 @@ def main_bench() -> None:
 
             def app(study=study, out=out):
                 with contextlib.redirect_stdout(io.StringIO()):  # the app's "wrote <file>" lines
-                    code = main(["app", "-i", str(study), "-o", str(out), "-m", str(model_path), "-l", "ERROR"])
+                    code = main(["app", "-i", str(study), "-o", str(out), "-m", str(model_path), "-l", "ERROR",
+                                 "--accept-unknown-body-part"])
                 if code != 0:
                     raise SystemExit(f"the app failed on {study}")
 

@@ -20,30 +20,42 @@ import torch
 
 from monai_cxr_ssl.utils import read_json, write_json
 
-__all__ = ["PROVENANCE_FILE", "changed_settings", "load_weights", "read_checkpoint", "read_provenance",
-           "write_provenance"]
+__all__ = ["MODEL_CHECKPOINT", "PROVENANCE_FILE", "TRAINING_CHECKPOINT", "changed_settings", "load_weights",
+           "read_checkpoint", "read_provenance", "read_state_dict", "write_provenance"]
 
 logger = logging.getLogger("monai_cxr_ssl")
 
 PROVENANCE_FILE = "provenance.json"
 
 
-def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """``torch.load`` of ``path`` with ``weights_only=True``; a file that is not such a checkpoint raises one
-    ``ValueError`` naming it and what was expected."""
+MODEL_CHECKPOINT = "a model checkpoint (the state dict a training stage saves as models/model.pt)"
+TRAINING_CHECKPOINT = "a training checkpoint (the models/last.pt a training stage saves after every epoch)"
+
+
+def read_checkpoint(path: str | os.PathLike, expected: str = MODEL_CHECKPOINT) -> Any:
+    """``torch.load`` of ``path`` with ``weights_only=True`` (no code runs); a file that is not such a checkpoint
+    raises one ``ValueError`` naming it and what was ``expected``. Torch's own hint (load it with
+    ``weights_only=False``) is never passed on: that would run whatever the file holds."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no {what} here.")
+        raise FileNotFoundError(f"{path}: no checkpoint file here; expected {expected}.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch reports foreign files with many exception types
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
         if "weights_only" in str(err):
-            text = "it holds Python objects besides tensors, which are not loaded since loading them can run code"
-        raise ValueError(
-            f"{path} is not a {what} (a PyTorch weights file written by monai-cxr-ssl): {text}. Give the "
-            "models/model.pt or models/last.pt a stage wrote, or delete the file to start the stage over."
-        ) from None
+            reason = "it holds Python objects besides tensors, not loaded since loading them can run code"
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason}); expected {expected}.") from None
+
+
+def read_state_dict(path: str | os.PathLike, expected: str = MODEL_CHECKPOINT) -> dict[str, torch.Tensor]:
+    """``read_checkpoint`` of a file that must hold a state dict (a mapping of names to tensors)."""
+    state = read_checkpoint(path, expected)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds a {type(state).__name__} that is not a state dict of tensors; "
+                         f"expected {expected}.")
+    return state
 
 
 def write_provenance(models_dir: str | os.PathLike, split_fingerprint: str | None, settings: dict | None) -> None:
@@ -87,7 +99,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, split: dict,
             f"this run's split {current}): its training images may be this split's validation or test images. "
             "Use the checkpoint of this output folder's own stage, or re-run that stage here."
         )
-    state = read_checkpoint(path, what)
+    state = read_state_dict(path)
     try:
         network.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:

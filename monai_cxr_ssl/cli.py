@@ -99,13 +99,18 @@ def _threshold(text: str) -> float | str:
 def cmd_export(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.export import export_model
 
-    meta = export_model(args.path, args.output, args.threshold, args.configs, parse_overrides(args.set), args.bundle)
+    ood = {} if args.ood_images is None else {"ood_images": args.ood_images}
+    meta = export_model(args.path, args.output, args.threshold, args.configs, parse_overrides(args.set), args.bundle,
+                        **ood)
     info = meta["cxr_ssl"]
     thresholds = ", ".join(f"{name} {value:.3f}" for name, value in info["thresholds"].items())
     _echo(f"exported stage {info['stage']} ({info.get('method', 'method not recorded')}) to {Path(args.output)}")
     _echo(f"  input 1x{info['crop_size']}x{info['crop_size']} in [0, 1] after resizing to {info['image_size']}, "
           f"ten crops; output: probabilities of {', '.join(info['classes'])}")
     _echo(f"  thresholds ({info['thresholds_source']}): {thresholds}")
+    ood = info.get("ood")
+    _echo(f"  out-of-distribution check: Mahalanobis threshold {ood['threshold']:.2f} ({ood['num_train']} training, "
+          f"{ood['num_validation']} validation images)" if ood else "  out-of-distribution check: none")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -247,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="TorchScript of a trained model with the bundle metadata embedded (for MONAI Deploy)",
         description="Example: monai-cxr-ssl export runs/kermany/lambda0.05-seed0 -o model.ts. A pipeline folder "
-        "exports its final model (the last trained stage); a stage folder exports that stage's best checkpoint.",
+        "exports its final model (the last trained stage); a stage folder exports that stage's best checkpoint; an "
+        "experiment folder without results.json exports its single trained stage.",
     )
     export.add_argument("path", help="pipeline output folder (results.json) or stage folder (config_executed.json)")
     export.add_argument("-o", "--output", default="model.ts", help="TorchScript file to write (default: model.ts)")
@@ -260,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides the stage was trained with (with --configs)")
     export.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle folder (default: %(default)s)")
+    export.add_argument("--ood-images", type=int, default=None, metavar="N",
+                        help="at most N images per split part (labeled, validation) for the out-of-distribution "
+                        "statistics; 0 exports without the check (default: 100)")
     export.set_defaults(func=cmd_export)
     return parser
 

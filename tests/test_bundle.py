@@ -201,7 +201,9 @@ def test_verify_export_and_inference(workspace, tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = (tmp_path / "pred" / "predictions.csv").read_text().strip().splitlines()
+    header, *rows = (tmp_path / "pred" / "predictions.csv").read_text().strip().splitlines()
+    classes = json.loads((root / "out" / "split.json").read_text())["classes"]
+    assert header == ",".join(["image", *classes])  # the checkpoint's classes; no thresholds known for it
     assert len(rows) == len(list(images.rglob("*.png")))
     probs = [float(r.split(",")[1]) for r in rows]
     assert all(0.0 <= p <= 1.0 for p in probs) and len(set(probs)) > 1
@@ -239,7 +241,7 @@ def test_export_gives_the_checkpoint_probabilities_on_real_images(workspace, tmp
     main(["export", str(stage), "-o", str(exported), *configs])
     assert [p.name for p in exported.parent.iterdir()] == ["model.ts"]  # no temporary files left
 
-    scripted, meta, extra = load_net_with_metadata(str(exported), more_extra_files=["config_executed.json"])
+    scripted, meta, extra = load_net_with_metadata(str(exported), more_extra_files=["inference.json"])
     split = json.loads((stage.parent / "split.json").read_text())
     info = meta["cxr_ssl"]
     assert info["classes"] == split["classes"] and info["stage"] == "teacher"
@@ -250,7 +252,7 @@ def test_export_gives_the_checkpoint_probabilities_on_real_images(workspace, tmp
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [TINY["crop_size"]] * 2
     # The embedded metadata and config pass MONAI's own check.
     (tmp_path / "metadata.json").write_text(json.dumps(meta))
-    (tmp_path / "config.json").write_bytes(extra["config_executed.json"])
+    (tmp_path / "config.json").write_bytes(extra["inference.json"])
     verify_net_in_out(net_id="network_def", meta_file=str(tmp_path / "metadata.json"),
                       config_file=str(tmp_path / "config.json"), **EXPORT_OVERRIDES)
 
@@ -284,6 +286,7 @@ def test_export_thresholds_final_stage_and_bad_input(workspace, tmp_path):
     copy = tmp_path / "teacher"
     (copy / "models").mkdir(parents=True)
     (copy / "models" / "model.pt").write_bytes((stage / "models" / "model.pt").read_bytes())
+    (tmp_path / "split.json").write_bytes((stage.parent / "split.json").read_bytes())  # the experiment's split
     config = stage_config(stage, configs[1:3], parse_overrides(configs[4:]))
     (copy / "config_executed.json").write_text(json.dumps(config))  # as monai-cxr-ssl run records it
     np.savez(copy / "validation_predictions.npz", labels=labels[:, None], probs=probs[:, None])
@@ -313,6 +316,7 @@ def test_export_thresholds_final_stage_and_bad_input(workspace, tmp_path):
     (copy / "validation_predictions.npz").unlink()
     with pytest.raises(FileNotFoundError, match="eval_split=validation"):
         export_model(copy, tmp_path / "bad.ts", threshold="youden")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a pipeline output folder"):
-        export_model(tmp_path, tmp_path / "bad.ts")
+        export_model(tmp_path / "empty", tmp_path / "bad.ts")
     assert not list(tmp_path.glob("bad.ts*")) and not list(tmp_path.glob(".bad.ts*"))

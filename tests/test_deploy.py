@@ -83,8 +83,8 @@ def test_app_classifies_a_real_study_as_the_bundle_does(name, model, shared_data
     original = pydicom.dcmread(source)
     study = _study(tmp_path / "in", original)
     model_path, net = model
-    if name == DX:
-        run = _app(["-i", str(study), "-o", str(tmp_path / "out"), "-m", str(model_path)])
+    if name == DX:  # no BodyPartExamined nor a chest word in its descriptions: classified only when accepted
+        run = _app(["-i", str(study), "-o", str(tmp_path / "out"), "-m", str(model_path), "--accept-unknown-body-part"])
     else:  # the same through the HOLOSCAN_* variables a packaged app receives
         run = _app([], {"HOLOSCAN_INPUT_PATH": str(study), "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "out"),
                         "HOLOSCAN_MODEL_PATH": str(model_path)})
@@ -98,6 +98,10 @@ def test_app_classifies_a_real_study_as_the_bundle_does(name, model, shared_data
     assert result["findings"] == [c for c in CLASSES if result["probabilities"][c] >= result["thresholds"][c]]
     assert result["model"]["stage"] == "finetune" and result["model"]["version"]
     assert result["image"]["SOPInstanceUID"] == original.SOPInstanceUID
+    assert result["body_part"] == (
+        {"decision": "unknown", "evidence": "BodyPartExamined absent and no chest word in StudyDescription, "
+         "SeriesDescription, ProtocolName", "accept_unknown_body_part": True} if name == DX else
+        {"decision": "chest", "evidence": "BodyPartExamined CHEST", "accept_unknown_body_part": False})
 
     # The SR: filed in the same study, says the findings, and carries no demographics.
     assert sr.Modality == "SR" and sr.StudyInstanceUID == original.StudyInstanceUID
@@ -121,7 +125,7 @@ def test_monochrome1_reads_as_the_original(model, shared_data, tmp_path):
     results = []
     for name, ds in (("orig", original), ("mono1", inverted)):
         run = _app(["-i", str(_study(tmp_path / name, ds)), "-o", str(tmp_path / f"out_{name}"), "-m",
-                    str(model_path)])
+                    str(model_path), "--accept-unknown-body-part"])
         assert run.returncode == 0, run.stderr[-3000:]
         results.append(_outputs(tmp_path / f"out_{name}")[0]["probabilities"])
     assert results[0] == pytest.approx(results[1], abs=1e-6)
@@ -144,6 +148,13 @@ def test_bad_inputs_are_refused_without_partial_output(model, shared_data, tmp_p
     corrupt = tmp_path / "corrupt"
     _study(corrupt, dx)
     (corrupt / "broken.dcm").write_bytes(b"\x00" * 128 + b"DICM" + os.urandom(300))
+    text_file = tmp_path / "text_file"
+    _study(text_file, dx)
+    (text_file / "notes.txt").write_text("not an image")
+    cut_jpeg = tmp_path / "cut_jpeg"
+    cut_jpeg.mkdir()
+    jpeg = (shared_data / "dicom" / CR).read_bytes()
+    (cut_jpeg / "cut.dcm").write_bytes(jpeg[: len(jpeg) // 2])
     truncated = tmp_path / "truncated"
     truncated.mkdir()
     data = (shared_data / "dicom" / DX).read_bytes()
@@ -152,17 +163,20 @@ def test_bad_inputs_are_refused_without_partial_output(model, shared_data, tmp_p
     (tmp_path / "not_a_model.ts").write_bytes(b"not torchscript")
     cases = {
         "empty folder": (tmp_path / "empty", model_path, "input folder is empty"),
-        "no CR/DX series": (_study(tmp_path / "ct", ct), model_path, "no CR or DX series of the chest"),
-        "a radiograph of another body part": (_study(tmp_path / "hand", hand), model_path, "no CR or DX series"),
+        "no CR/DX series": (_study(tmp_path / "ct", ct), model_path, "no radiograph series of the chest"),
+        "a radiograph of another body part": (_study(tmp_path / "hand", hand), model_path, "no radiograph series"),
         "corrupt DICOM": (corrupt, model_path, "broken.dcm: not a readable DICOM file"),
         "truncated DICOM": (truncated, model_path, "cut.dcm"),
+        "truncated JPEG CR": (cut_jpeg, model_path, "cut.dcm: not a readable DICOM file (the file has no complete "
+                              "DICOM pixel data (truncated"),
+        "a text file among the images": (text_file, model_path, "notes.txt: not a DICOM file"),
         "two images in the series": (_study(tmp_path / "two", dx, second), model_path, "has 2 images"),
         "multi-frame image": (_study(tmp_path / "frames", multiframe), model_path, "holds 2 frames"),
         "model not TorchScript": (_study(tmp_path / "ok", dx), tmp_path / "not_a_model.ts", "not a TorchScript"),
     }
     for case, (folder, model_file, message) in cases.items():
         out = tmp_path / f"out_{case.replace(' ', '_')}"
-        code = main(["app", "-i", str(folder), "-o", str(out), "-m", str(model_file)])
+        code = main(["app", "-i", str(folder), "-o", str(out), "-m", str(model_file), "--accept-unknown-body-part"])
         err = capsys.readouterr().err
         assert code == 1, case
         assert message in err and "Traceback" not in err, (case, err[-2000:])
@@ -172,3 +186,184 @@ def test_bad_inputs_are_refused_without_partial_output(model, shared_data, tmp_p
     run = _app(["-i", str(corrupt), "-o", str(tmp_path / "out_cli"), "-m", str(model_path)])
     assert run.returncode == 1 and "broken.dcm: not a readable DICOM file" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def _run(args: list[str], capsys) -> tuple[int, str]:
+    from monai_cxr_ssl.deploy.app import main
+
+    code = main(["app", *args])
+    return code, capsys.readouterr().err
+
+
+def test_sr_references_its_image_and_a_rerun_replaces_it(model, shared_data, tmp_path, capsys):
+    import highdicom as hd
+
+    source = pydicom.dcmread(shared_data / "dicom" / CR)
+    source.AccessionNumber, source.PatientAge, source.OtherPatientIDs = "ACC123", "045Y", "OTHER-ID"
+    study, out = _study(tmp_path / "in", source), tmp_path / "out"
+    model_path, _ = model
+    uids = []
+    for _ in range(2):  # the second run replaces the first run's SR: same UIDs, same file, nothing added
+        code, err = _run(["-i", str(study), "-o", str(out), "-m", str(model_path)], capsys)
+        assert code == 0, err[-2000:]
+        result, sr = _outputs(out)
+        assert result["sr"]["SOPInstanceUID"] == sr.SOPInstanceUID
+        uids.append((sr.SOPInstanceUID, sr.SeriesInstanceUID))
+    assert uids[0] == uids[1]
+    assert sr.SOPInstanceUID != source.SOPInstanceUID and sr.SeriesInstanceUID != source.SeriesInstanceUID
+
+    # Evidence: the study's current requested procedure evidence lists the source instance.
+    (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.StudyInstanceUID == source.StudyInstanceUID
+    (series,) = evidence.ReferencedSeriesSequence
+    (ref,) = series.ReferencedSOPSequence
+    assert (series.SeriesInstanceUID, ref.ReferencedSOPInstanceUID, ref.ReferencedSOPClassUID) == (
+        source.SeriesInstanceUID, source.SOPInstanceUID, source.SOPClassUID)
+    # Content: an IMAGE item referencing the same instance, next to the findings text.
+    kinds = {item.ValueType: item for item in sr.ContentSequence}
+    assert {"TEXT", "IMAGE"} <= kinds.keys()
+    (image_ref,) = kinds["IMAGE"].ReferencedSOPSequence
+    assert image_ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    # highdicom parses it back as a valid Comprehensive SR; the study/patient attributes kept, demographics blank.
+    parsed = hd.sr.srread(next(out.glob("*.dcm")))
+    assert isinstance(parsed, hd.sr.ComprehensiveSR)
+    assert sr.SOPClassUID == pydicom.uid.ComprehensiveSRStorage and sr.file_meta.TransferSyntaxUID
+    for key in ("PatientName", "PatientID", "StudyInstanceUID", "AccessionNumber", "StudyID", "StudyDate"):
+        assert str(sr.get(key, "")) == str(source.get(key, "")), key
+    assert sr.PatientBirthDate == "" and sr.PatientSex == "" and sr.ReferringPhysicianName == ""
+    assert "PatientAge" not in sr and "OtherPatientIDs" not in sr  # nothing else of the image is copied
+    assert str(source.PatientName) not in err
+
+
+@pytest.mark.parametrize(("tags", "decision"), [
+    ({"BodyPartExamined": "CHEST"}, "chest"),
+    ({"BodyPartExamined": "HAND"}, "other"),
+    ({"StudyDescription": "Rx Tórax PA"}, "chest"),
+    ({"SeriesDescription": "Poumons face"}, "chest"),
+    ({"ProtocolName": "Brustkorb 2 Ebenen"}, "chest"),
+    ({"StudyDescription": "THX pa"}, "chest"),
+    ({"StudyDescription": "long bone survey"}, "unknown"),
+    ({"SeriesDescription": "OPG panoramic", "ViewPosition": "PA"}, "unknown"),
+    ({}, "unknown"),
+])
+def test_body_part_evidence(tags, decision):
+    from monai_cxr_ssl.deploy.operators import body_part_evidence
+
+    ds = pydicom.Dataset()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    assert body_part_evidence(ds)[0] == decision
+
+
+def test_unknown_body_part_is_refused_unless_accepted(model, shared_data, tmp_path, capsys):
+    """A dental panoramic CR without BodyPartExamined used to be classified (exit 0, PNEUMONIA in the SR)."""
+    dental = pydicom.dcmread(shared_data / "dicom" / CR)
+    del dental.BodyPartExamined
+    dental.SeriesDescription, dental.ViewPosition = "OPG panoramic", ""
+    study, model_path = _study(tmp_path / "dental", dental), model[0]
+    code, err = _run(["-i", str(study), "-o", str(tmp_path / "refused"), "-m", str(model_path)], capsys)
+    assert code == 1 and "no radiograph series says it shows the chest" in err and "--accept-unknown-body-part" in err
+    assert not (tmp_path / "refused").exists() or list((tmp_path / "refused").iterdir()) == []
+    code, err = _run(["-i", str(study), "-o", str(tmp_path / "accepted"), "-m", str(model_path),
+                      "--accept-unknown-body-part"], capsys)
+    assert code == 0, err[-2000:]
+    result, sr = _outputs(tmp_path / "accepted")
+    assert result["body_part"]["decision"] == "unknown" and result["body_part"]["accept_unknown_body_part"]
+    assert "accepted with --accept-unknown-body-part" in sr.ContentSequence[0].TextValue
+
+    dental.StudyDescription = "RX TÓRAX PA"  # a chest word in Spanish: no flag needed
+    code, err = _run(["-i", str(_study(tmp_path / "torax", dental)), "-o", str(tmp_path / "torax_out"), "-m",
+                      str(model_path)], capsys)
+    assert code == 0, err[-2000:]
+    assert _outputs(tmp_path / "torax_out")[0]["body_part"]["evidence"] == (
+        "BodyPartExamined absent; StudyDescription says 'TÓRAX'")
+
+
+def test_dicom_without_part10_header_is_classified(model, shared_data, tmp_path, capsys):
+    source = shared_data / "dicom" / DX
+    ds = pydicom.dcmread(source)
+    del ds.file_meta
+    ds.preamble = None
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    ds.save_as(folder / "IM0001", enforce_file_format=False, implicit_vr=True, little_endian=True)
+    model_path, net = model
+    code, err = _run(["-i", str(folder), "-o", str(tmp_path / "out"), "-m", str(model_path),
+                      "--accept-unknown-body-part"], capsys)
+    assert code == 0, err[-2000:]
+    result, _ = _outputs(tmp_path / "out")
+    got = np.array([result["probabilities"][c] for c in CLASSES])
+    np.testing.assert_allclose(got, _bundle_probabilities(net, source), atol=1e-5, rtol=0)
+
+
+def test_missing_paths_exit_1_with_one_line(model, tmp_path, capsys):
+    model_path = model[0]
+    (tmp_path / "in").mkdir()
+    for args, message in (
+        (["-i", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out"), "-m", str(model_path)],
+         "nowhere: input folder does not exist"),
+        (["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "none.ts")],
+         "none.ts: model file does not exist"),
+    ):
+        code, err = _run(args, capsys)
+        assert code == 1 and message in err and "usage" not in err.lower(), err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture(scope="module")
+def ood_model(model, tmp_path_factory) -> tuple[Path, object, np.ndarray]:
+    """The ``model`` classifier with out-of-distribution statistics of real NIH chest X-rays (60 to fit, 30 to set
+    the threshold), as ``monai-cxr-ssl export`` embeds them."""
+    from monai.data import load_net_with_metadata
+
+    from monai_cxr_ssl.deploy.ood import OOD_STATS_FILE, fit_ood, image_features
+
+    sample = Path(__file__).resolve().parents[2] / "shared" / "data" / "chestxray14_sample" / "images"
+    if not sample.is_dir():
+        pytest.skip(f"real data folder {sample} is absent")
+    scripted, meta, _ = load_net_with_metadata(str(model[0]))
+    images = sorted(sample.glob("*.png"))
+    train = image_features(scripted, images[:60], IMAGE_SIZE, CROP_SIZE)
+    stats, _ = fit_ood(train, image_features(scripted, images[60:90], IMAGE_SIZE, CROP_SIZE))
+    path = tmp_path_factory.mktemp("ood") / "model.ts"
+    save_net_with_metadata(scripted, str(path), meta_values=meta, more_extra_files={OOD_STATS_FILE: stats.to_bytes()})
+    return path, stats, train
+
+
+def test_out_of_distribution_images_get_no_findings(ood_model, shared_data, tmp_path, capsys):
+    from sklearn.covariance import LedoitWolf
+
+    model_path, stats, train = ood_model
+    fitted = LedoitWolf().fit(train)
+    dx = pydicom.dcmread(shared_data / "dicom" / DX)
+    flipped = pydicom.dcmread(shared_data / "dicom" / DX)
+    flipped.PixelData = np.ascontiguousarray(dx.pixel_array[::-1]).tobytes()  # upside down
+    ct_like = pydicom.dcmread(shared_data / "dicom" / DX)
+    yy, xx = np.mgrid[:1024, :1024]
+    disk = ((yy - 512) ** 2 + (xx - 512) ** 2 < 400**2) * 150 + np.random.default_rng(0).integers(0, 30, (1024, 1024))
+    ct_like.PixelData = disk.astype(np.uint8).tobytes()  # an axial-slice-like disk in a real DICOM
+    cases = {"dx": (dx, True), "cr": (pydicom.dcmread(shared_data / "dicom" / CR), True), "flipped": (flipped, False),
+             "ct_like": (ct_like, False)}
+    for name, (ds, chest) in cases.items():
+        code, err = _run(["-i", str(_study(tmp_path / name, ds)), "-o", str(tmp_path / f"out_{name}"), "-m",
+                          str(model_path), "--accept-unknown-body-part"], capsys)
+        assert code == 0, err[-2000:]
+        result, sr = _outputs(tmp_path / f"out_{name}")
+        ood = result["ood"]
+        assert ood["checked"] and ood["threshold"] == pytest.approx(stats.threshold)
+        assert ood["in_distribution"] is chest, (name, ood)
+        text = sr.ContentSequence[0].TextValue
+        if chest:
+            assert result["findings_withheld"] is None and "Probabilities:" in text
+        else:
+            assert result["findings"] == [] and "out-of-distribution distance" in result["findings_withheld"]
+            assert text.startswith("Findings withheld: the image does not look like") and "Probabilities" not in text
+        # The distance is sklearn's Mahalanobis distance (squared there) under the same Ledoit-Wolf fit.
+        from monai_cxr_ssl.data import dicom_to_image
+        from monai_cxr_ssl.deploy.ood import centre_crop
+
+        scripted = torch.jit.load(str(model_path))
+        with torch.no_grad():
+            features = scripted.pooled_features(centre_crop(dicom_to_image(ds, name), IMAGE_SIZE, CROP_SIZE)[None])
+        expected = np.sqrt(fitted.mahalanobis(features.double().numpy()))[0]
+        assert ood["distance"] == pytest.approx(expected, rel=1e-3)

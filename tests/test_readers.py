@@ -20,6 +20,15 @@ GREY = np.arange(256, dtype=np.uint8).reshape(16, 16)  # spans 0..255, so min/ma
 STORED = np.linspace(100, 3000, 12 * 8).round().astype(np.uint16).reshape(12, 8)  # 12-bit, not full range
 
 
+def _robust(arr: np.ndarray) -> np.ndarray:
+    """The documented window of images with more than 8 bits and none of their own: 0.5th-99.5th percentiles."""
+    low, high = np.percentile(arr.astype(np.float64), [0.5, 99.5])
+    return np.clip((arr - low) / (high - low), 0.0, 1.0)
+
+
+ROBUST = _robust(STORED)
+
+
 def _save_png(path: Path, arr: np.ndarray) -> Path:
     Image.fromarray(arr).save(path)
     return path
@@ -100,26 +109,36 @@ def test_format_is_detected_from_content_without_suffix(tmp_path):
     Image.fromarray(GREY).save(tmp_path / "png_image", format="PNG")
     _save_dcm(tmp_path / "dicom_image", _dicom())
     np.testing.assert_allclose(read_cxr(tmp_path / "png_image"), GREY / 255.0, atol=1e-7)
-    np.testing.assert_allclose(read_cxr(tmp_path / "dicom_image"), STORED / 4095.0, atol=1e-6)
+    np.testing.assert_allclose(read_cxr(tmp_path / "dicom_image"), ROBUST, atol=1e-6)
 
 
 # ---------------------------------------------------------------- DICOM built from scratch
 
 
-def test_dicom_12bit_uses_the_stored_bits_range(tmp_path):
+def test_dicom_12bit_without_window_uses_the_robust_window(tmp_path):
     image = read_cxr(_save_dcm(tmp_path / "a.dcm", _dicom()))
     _assert_unit_image(image, STORED.shape)
-    np.testing.assert_allclose(image, STORED / 4095.0, atol=1e-6)
+    np.testing.assert_allclose(image, ROBUST, atol=1e-6)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_dicom_16bit_without_window_is_not_flat_grey(tmp_path, signed):
+    """A 16-bit image using a small part of its range used to read as 0.465-0.537 grey: now it spans [0, 1]."""
+    values = np.linspace(-1200 if signed else 1000, 2000, 32 * 32).reshape(32, 32)
+    pixels = values.round().astype(np.int16 if signed else np.uint16)
+    image = read_cxr(_save_dcm(tmp_path / "a.dcm", _dicom(pixels, bits=16)))
+    np.testing.assert_allclose(image, _robust(pixels), atol=1e-6)
+    assert image.min() == 0.0 and image.max() == 1.0 and np.percentile(image, 99) - np.percentile(image, 1) > 0.9
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):
     image = read_cxr(_save_dcm(tmp_path / "a.dcm", _dicom(photometric="MONOCHROME1")))
-    np.testing.assert_allclose(image, 1.0 - STORED / 4095.0, atol=1e-6)
+    np.testing.assert_allclose(image, 1.0 - ROBUST, atol=1e-6)
 
 
-def test_dicom_rescale_keeps_the_fixed_range(tmp_path):
+def test_dicom_rescale_does_not_change_the_robust_window(tmp_path):
     ds = _dicom(RescaleSlope=2, RescaleIntercept=-1024)
-    np.testing.assert_allclose(read_cxr(_save_dcm(tmp_path / "a.dcm", ds)), STORED / 4095.0, atol=1e-6)
+    np.testing.assert_allclose(read_cxr(_save_dcm(tmp_path / "a.dcm", ds)), ROBUST, atol=1e-6)
 
 
 def test_dicom_window_saturates_outside_and_stretches_inside(tmp_path):
@@ -151,7 +170,7 @@ def test_dicom_compressed_transfer_syntax(tmp_path):
     ds.compress(RLELossless)
     path = _save_dcm(tmp_path / "a.dcm", ds)
     check_image(path)
-    np.testing.assert_allclose(read_cxr(path), STORED / 4095.0, atol=1e-6)
+    np.testing.assert_allclose(read_cxr(path), ROBUST, atol=1e-6)
 
 
 def test_dicom_rgb_uses_luminance(tmp_path):
@@ -187,6 +206,95 @@ def test_corrupt_and_missing_files_raise_with_the_path(tmp_path):
     with pytest.raises(ImageReadError) as info:
         read_cxr(tmp_path / "noise.png")
     assert info.value.__cause__ is not None
+
+
+@pytest.mark.parametrize("modality", ["MR", "CT", "US", "PX"])
+def test_dicom_of_another_modality_is_refused_by_read_and_check(tmp_path, modality):
+    path = _save_dcm(tmp_path / "scan.dcm", _dicom(Modality=modality))
+    for func in (read_cxr, check_image):
+        with pytest.raises(ImageReadError, match=rf"scan\.dcm': the DICOM modality is {modality}, not a projection"):
+            func(path)
+
+
+@pytest.mark.parametrize("modality", ["CR", "DX", "DR", "OT", None])
+def test_dicom_radiograph_modalities_are_read(tmp_path, modality):
+    ds = _dicom()
+    if modality is None:
+        del ds.Modality
+    else:
+        ds.Modality = modality
+    check_image(_save_dcm(tmp_path / "a.dcm", ds))
+    np.testing.assert_allclose(read_cxr(tmp_path / "a.dcm"), ROBUST, atol=1e-6)
+
+
+def test_deflated_dicom_passes_check_and_reads(tmp_path):
+    ds = _dicom()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    path = _save_dcm(tmp_path / "deflated.dcm", ds)
+    check_image(path)
+    np.testing.assert_allclose(read_cxr(path), ROBUST, atol=1e-6)
+
+
+def test_window_width_below_one_names_the_cause(tmp_path):
+    path = _save_dcm(tmp_path / "rt.dcm", _dicom(WindowCenter=1500, WindowWidth=0.5))
+    for func in (read_cxr, check_image):
+        with pytest.raises(ImageReadError, match=r"rt\.dcm': the DICOM Window Width is 0.5, below 1"):
+            func(path)
+
+
+def test_decode_errors_carry_the_decoder_message(tmp_path):
+    ds = _dicom()
+    ds.PixelData = ds.PixelData[:-32]  # pixel data shorter than Rows x Columns need
+    path = _save_dcm(tmp_path / "short.dcm", ds)
+    for func in (read_cxr, check_image):
+        with pytest.raises(ImageReadError, match=r"short\.dcm': the DICOM pixel data does not decode \(ValueError: "
+                           r"The number of bytes of pixel data is less than expected"):
+            func(path)
+
+
+def test_check_image_fails_exactly_when_read_cxr_does(tmp_path):
+    """One code path: for good and bad files of every format, check and read agree, with the same message."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    mr = _save_dcm(tmp_path / "mr.dcm", _dicom(Modality="MR"))
+    frames = _save_dcm(tmp_path / "frames.dcm", _dicom(np.stack([STORED] * 2)))
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG" + bytes(100))
+    paths = [tmp_path / "full.jpg", tmp_path / "cut.jpg", mr, frames, tmp_path / "junk.png", tmp_path / "missing.dcm",
+             _save_dcm(tmp_path / "ok.dcm", _dicom()), _save_headerless(tmp_path / "raw", _dicom())]
+    for path in paths:
+        outcomes = []
+        for func in (read_cxr, check_image):
+            try:
+                func(path)
+                outcomes.append(None)
+            except ImageReadError as err:
+                outcomes.append(str(err))
+        assert outcomes[0] == outcomes[1], path
+
+
+def test_is_dicom_and_inference_datalist_detect_dicom_by_content(tmp_path, caplog):
+    from monai_cxr_ssl.data import inference_datalist, is_dicom
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    _save_dcm(data / "sub" / "IM0001", _dicom())  # Part-10 file without suffix, as PACS exports name them
+    _save_headerless(data / "raw_no_header", _dicom())  # no preamble, no suffix
+    _save_png(data / "a.png", GREY)
+    (data / "notes.txt").write_text("not an image")
+    (data / ".DS_Store").write_bytes(b"\x00" * 64)
+    assert is_dicom(data / "sub" / "IM0001") and is_dicom(data / "raw_no_header")
+    assert not is_dicom(data / "notes.txt") and not is_dicom(data / "a.png")
+    with caplog.at_level("WARNING", logger="monai_cxr_ssl"):
+        items = inference_datalist(data)
+    assert [it["id"] for it in items] == ["a.png", "raw_no_header", "sub/IM0001"]
+    np.testing.assert_array_equal(read_cxr(items[1]["image"]), read_cxr(items[2]["image"]))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "skips 2 file(s)" in warning and "notes.txt (no image suffix and not DICOM" in warning
+    assert ".DS_Store (hidden)" in warning
+    with pytest.raises(FileNotFoundError, match="missing: the inference dataset_dir does not exist"):
+        inference_datalist(tmp_path / "missing")
 
 
 # ---------------------------------------------------------------- NIfTI
@@ -296,8 +404,9 @@ def test_real_dicom_variants(shared_data, tmp_path, name):
     np.testing.assert_allclose(inverted, 1.0 - base, atol=1e-6)
 
     ds = variant()
-    ds.set_pixel_data(np.round(ds.pixel_array * (4095 / 255)).astype(np.uint16), "MONOCHROME2", 12)
-    np.testing.assert_allclose(read_cxr(_save_dcm(tmp_path / "12bit.dcm", ds)), base, atol=1e-3)
+    twelve = np.round(ds.pixel_array * (4095 / 255)).astype(np.uint16)
+    ds.set_pixel_data(twelve, "MONOCHROME2", 12)
+    np.testing.assert_allclose(read_cxr(_save_dcm(tmp_path / "12bit.dcm", ds)), _robust(twelve), atol=1e-5)
 
     headerless = _save_headerless(tmp_path / "raw.dcm", variant())
     np.testing.assert_array_equal(read_cxr(headerless), base)

@@ -89,7 +89,7 @@ def test_load_weights_checks_the_split_and_the_file(tmp_path, caplog, data):
     with pytest.raises(ValueError, match="does not fit this network"):
         load_weights(torch.nn.Linear(4, 1), models / "model.pt", split)
     (models / "model.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match="is not a checkpoint") as err:
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint") as err:
         load_weights(torch.nn.Linear(3, 1), models / "model.pt", split)
     assert "weights_only=False" not in str(err.value)
     torch.save({"w": torch.zeros(1), "obj": Path("x")}, models / "model.pt")  # pickled Python objects
@@ -135,7 +135,8 @@ def test_stage_resumes_only_with_its_settings(tmp_path, data, capsys):
 
     (models / "last.pt").write_bytes(b"\x00garbage")
     message = _refusal(**{**common, "learning_rate": 3e-4, "num_epochs": 3})
-    assert "last.pt is not a training checkpoint" in message and "weights_only=False" not in message
+    assert "last.pt: not a readable PyTorch checkpoint" in message and "expected a training checkpoint" in message
+    assert "weights_only=False" not in message
 
 
 # --- item 4 and 11: settings checked before work starts -----------------------------------------------------------

@@ -9,12 +9,16 @@ from monai_cxr_ssl.data.datasets import (
     find_images,
 )
 from monai_cxr_ssl.data.readers import (
+    ACCEPTED_MODALITIES,
     ImageReadError,
     LoadCXRImage,
     LoadCXRImaged,
     check_image,
     dicom_to_image,
+    inference_datalist,
+    is_dicom,
     read_cxr,
+    read_dicom_dataset,
 )
 from monai_cxr_ssl.data.sampling import samples_per_epoch
 from monai_cxr_ssl.data.splits import (
@@ -31,6 +35,7 @@ from monai_cxr_ssl.data.synthetic import make_synthetic_dataset
 from monai_cxr_ssl.data.weak_labels import load_weak_labels, unlabeled_datalist
 
 __all__ = [
+    "ACCEPTED_MODALITIES",
     "CHESTXRAY14_PATHOLOGIES",
     "ChestXray14",
     "ClassFolders",
@@ -44,12 +49,15 @@ __all__ = [
     "dicom_to_image",
     "find_images",
     "fingerprint",
+    "inference_datalist",
+    "is_dicom",
     "load_split",
     "load_weak_labels",
     "make_split",
     "make_synthetic_dataset",
     "prepare_split",
     "read_cxr",
+    "read_dicom_dataset",
     "samples_per_epoch",
     "select_classes",
     "split_fingerprint",

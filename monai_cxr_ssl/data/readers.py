@@ -7,6 +7,7 @@ intensities a model sees.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
@@ -19,10 +20,24 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from PIL import Image, UnidentifiedImageError
-from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-__all__ = ["ImageReadError", "read_cxr", "dicom_to_image", "check_image", "LoadCXRImage", "LoadCXRImaged"]
+__all__ = [
+    "ACCEPTED_MODALITIES",
+    "ImageReadError",
+    "read_cxr",
+    "read_dicom_dataset",
+    "dicom_to_image",
+    "check_image",
+    "is_dicom",
+    "inference_datalist",
+    "LoadCXRImage",
+    "LoadCXRImaged",
+]
+
+logger = logging.getLogger("monai_cxr_ssl")
 
 _PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -39,15 +54,24 @@ _NATIVE_SYNTAX = {
     (False, False): ExplicitVRBigEndian,
 }
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# Modalities that are projection radiographs (or say nothing): CR, DX, the non-standard DR, the retired RG, and
+# OT (secondary capture, as many converted chest X-rays are). A file without Modality is accepted too.
+ACCEPTED_MODALITIES = ("CR", "DX", "DR", "RG", "OT")
+# Robust window of images with more than 8 stored bits and no VOI LUT/window: these pixel-value percentiles.
+ROBUST_WINDOW_PERCENTILES = (0.5, 99.5)
 _CORRUPT_HINT = "Re-export the image or remove it from the dataset (check_image finds all such files)"
 
 
 class ImageReadError(ValueError):
-    """An image file is missing, corrupt, or not a single 2D radiograph."""
+    """An image file is missing, corrupt, or not a single 2D radiograph; ``problem`` is the cause alone."""
+
+    def __init__(self, message: str, problem: str = "") -> None:
+        super().__init__(message)
+        self.problem = problem or message
 
 
 def _error(path: Path, problem: str, hint: str = _CORRUPT_HINT) -> ImageReadError:
-    return ImageReadError(f"Cannot read image '{path}': {problem}. {hint}.")
+    return ImageReadError(f"Cannot read image '{path}': {problem}. {hint}.", problem)
 
 
 def _detect_format(path: Path) -> str:
@@ -61,14 +85,32 @@ def _detect_format(path: Path) -> str:
         return "pillow"
     if name.endswith(_DICOM_SUFFIXES):
         return "dicom"
-    with open(path, "rb") as f:
-        if f.read(132)[128:] == b"DICM":
-            return "dicom"
+    if _has_preamble(path):
+        return "dicom"
     try:
         with Image.open(path):
             return "pillow"
     except UnidentifiedImageError:
         return "dicom"  # last resort: pydicom's forced read rejects what holds no pixel data
+
+
+def _has_preamble(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM file by content: the Part-10 preamble, or a forced read that finds pixel data
+    (a file written without the header). The suffix plays no part."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if _has_preamble(path):
+        return True
+    try:
+        return "PixelData" in pydicom.dcmread(path, force=True, defer_size=1024)
+    except Exception:  # a forced parse of a foreign file fails in many ways: it is not DICOM
+        return False
 
 
 def _to_unit(arr: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -79,15 +121,27 @@ def _to_unit(arr: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _read_pillow(path: Path) -> np.ndarray:
+def _read_pillow(path: Path, check: bool = False) -> np.ndarray:
+    """The Pillow image in [0, 1]; ``check`` decodes a JPEG at 1/8 scale only, which still walks the whole
+    entropy-coded stream, so a truncated file fails as in a full read."""
     with Image.open(path) as im:
+        if check and im.format == "JPEG":
+            im.draft("L", (max(1, im.width // 8), max(1, im.height // 8)))
         if im.mode not in _PILLOW_MAX:
             im = im.convert("L")
         return _to_unit(np.asarray(im), 0, _PILLOW_MAX[im.mode])
 
 
 def _check_dicom_header(ds: pydicom.Dataset, path: Path) -> None:
-    """Raise unless ``ds`` holds exactly one 2D frame in a photometric interpretation that can be read."""
+    """Raise unless ``ds`` is a radiograph (``ACCEPTED_MODALITIES`` or no Modality) holding exactly one 2D frame in a
+    photometric interpretation that can be read, with a valid window when it has one."""
+    modality = str(ds.get("Modality") or "").strip().upper()
+    if modality and modality not in ACCEPTED_MODALITIES:
+        raise _error(
+            path,
+            f"the DICOM modality is {modality}, not a projection radiograph",
+            f"Only {', '.join(ACCEPTED_MODALITIES)} (or no Modality) are read; remove the file from the dataset",
+        )
     if "PixelData" not in ds:
         raise _error(
             path,
@@ -109,6 +163,15 @@ def _check_dicom_header(ds: pydicom.Dataset, path: Path) -> None:
             f"photometric interpretation {photometric} is not supported",
             "Convert the image to MONOCHROME2 or RGB",
         )
+    if _voi_transform(ds) is apply_windowing and str(ds.get("VOILUTFunction", "LINEAR")).upper().startswith("LINEAR"):
+        width = ds.WindowWidth
+        width = float(width[0] if isinstance(width, MultiValue) else width)  # pydicom windows with the first one
+        if width < 1:
+            raise _error(
+                path,
+                f"the DICOM Window Width is {width:g}, below 1 (a LINEAR window needs a width of at least 1)",
+                "Fix or remove WindowCenter/WindowWidth in the file",
+            )
 
 
 def _transfer_syntax(ds: pydicom.FileDataset) -> UID:
@@ -138,9 +201,12 @@ def _monochrome_to_unit(raw: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
         low, high = outputs.min(), outputs.max()
     elif voi is apply_windowing:
         low, high = apply_windowing(np.array([-np.inf, np.inf]), ds)  # the window maps +-inf to its output bounds
-    else:
-        bits = int(ds.BitsStored)
-        stored = [0, 2**bits - 1] if ds.PixelRepresentation == 0 else [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1]
+    elif int(ds.BitsStored) > 8:  # no window: a robust one, since such images rarely fill their stored range
+        low, high = np.percentile(arr, ROBUST_WINDOW_PERCENTILES)
+        if high == low:
+            low, high = arr.min(), arr.max()
+    else:  # 8 bits are display-ready, as PNG/JPEG images are: the range of the stored bits
+        stored = [0, 255] if ds.PixelRepresentation == 0 else [-128, 127]
         outputs = apply_modality_lut(np.array(stored), ds)
         low, high = outputs.min(), outputs.max()
         if high == low:
@@ -166,15 +232,23 @@ def dicom_to_image(ds: pydicom.Dataset, source: str | os.PathLike) -> np.ndarray
     try:
         raw = ds.pixel_array
     except Exception as err:  # decoders fail in many ways; all mean this file cannot be used
-        raise _error(path, f"the DICOM pixel data does not decode ({type(err).__name__}: {err})") from err
+        raise _error(path, f"the DICOM pixel data does not decode ({_cause(err)})") from err
     if raw.ndim == 3:  # colour, which pydicom has already converted to RGB
         return _to_unit(raw[..., :3] @ _LUMA, 0, 2 ** int(ds.BitsStored) - 1)
     unit = _monochrome_to_unit(raw, ds)
     return 1.0 - unit if ds.PhotometricInterpretation == "MONOCHROME1" else unit
 
 
-def _read_dicom(path: Path) -> np.ndarray:
-    return dicom_to_image(pydicom.dcmread(path, force=True), path)
+def read_dicom_dataset(path: str | os.PathLike) -> pydicom.FileDataset:
+    """Parse a DICOM file, with or without the Part-10 header (then the transfer syntax is filled in from the
+    encoding pydicom detected), so that every caller sees the same dataset."""
+    ds = pydicom.dcmread(path, force=True)
+    _transfer_syntax(ds)
+    return ds
+
+
+def _read_dicom(path: Path, check: bool = False) -> np.ndarray:
+    return dicom_to_image(read_dicom_dataset(path), path)
 
 
 def _check_nifti_shape(shape: tuple[int, ...], path: Path) -> None:
@@ -186,7 +260,7 @@ def _check_nifti_shape(shape: tuple[int, ...], path: Path) -> None:
         )
 
 
-def _read_nifti(path: Path) -> np.ndarray:
+def _read_nifti(path: Path, check: bool = False) -> np.ndarray:
     img = nib.load(path)
     _check_nifti_shape(img.shape, path)
     data = img.get_fdata(dtype=np.float32).reshape(img.shape[:2]).T  # nibabel's (X, Y) -> (rows, columns)
@@ -196,77 +270,73 @@ def _read_nifti(path: Path) -> np.ndarray:
 _READERS = {"pillow": _read_pillow, "dicom": _read_dicom, "nifti": _read_nifti}
 
 
+def _cause(err: BaseException) -> str:
+    """``Type: message`` of an exception, so that an error names its cause."""
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def _read(path: str | os.PathLike, check: bool) -> np.ndarray:
+    path = Path(path)
+    fmt = _detect_format(path)
+    try:
+        return _READERS[fmt](path, check)
+    except ImageReadError:
+        raise
+    except Exception as err:  # decoders fail in many ways; all mean this file cannot be used
+        raise _error(path, f"not a readable {_FORMAT_NAMES[fmt]} image ({_cause(err)})") from err
+
+
 def read_cxr(path: str | os.PathLike) -> np.ndarray:
     """Read a chest radiograph as float32 ``(H, W)`` in [0, 1], bone bright.
 
     PNG/JPEG integers are divided by their type's maximum and colour becomes luminance. DICOM goes through the
-    modality LUT and the VOI LUT/window, is scaled by that output range (or the range of the stored bits) and
-    MONOCHROME1 is inverted. NIfTI (2D, or 3D with one slice) is min/max scaled, rows along nibabel's Y axis.
+    modality LUT and the VOI LUT/window and is scaled by that output range; without a VOI LUT or window, images of
+    more than 8 stored bits get a robust window (the 0.5th to 99.5th percentile of their values, since such files
+    rarely fill their stored range), 8-bit ones the range of the stored bits. MONOCHROME1 is inverted. DICOM files
+    must be radiographs (Modality in ``ACCEPTED_MODALITIES`` or absent). NIfTI (2D, or 3D with one slice) is
+    min/max scaled, rows along nibabel's Y axis.
 
     Raises:
-        ImageReadError: when the file is missing, corrupt, multi-frame, a 3D volume or holds no image.
+        ImageReadError: when the file is missing, corrupt, another modality, multi-frame, a 3D volume or holds no
+            image; the message names the cause.
     """
-    path = Path(path)
-    fmt = _detect_format(path)
-    try:
-        return _READERS[fmt](path)
-    except ImageReadError:
-        raise
-    except Exception as err:  # decoders fail in many ways; all mean this file cannot be used
-        raise _error(path, f"not a readable {_FORMAT_NAMES[fmt]} image ({type(err).__name__})") from err
-
-
-def _check_pillow(path: Path) -> None:
-    with Image.open(path) as im:
-        if im.format == "JPEG":
-            # A reduced-scale decode still walks the whole entropy-coded stream, so a truncated file shows.
-            im.draft("L", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-        else:
-            im.verify()
-
-
-def _check_dicom(path: Path) -> None:
-    ds = pydicom.dcmread(path, force=True, defer_size=1024)  # parses the header; the pixel data stays on disk
-    _check_dicom_header(ds, path)
-    syntax = _transfer_syntax(ds)
-    if not get_decoder(syntax).is_available:
-        raise _error(
-            path,
-            f"no installed decoder handles the transfer syntax {syntax.name}",
-            "Install the pydicom plugin for it (e.g. pylibjpeg-openjpeg) or decompress the file",
-        )
-    pixels = ds.get_item("PixelData", keep_deferred=True)
-    if not syntax.is_encapsulated and pixels.value_tell + pixels.length > path.stat().st_size:
-        raise _error(path, "the DICOM pixel data is truncated")
-
-
-def _check_nifti(path: Path) -> None:
-    img = nib.load(path)  # reads the header only
-    _check_nifti_shape(img.shape, path)
-    if not path.name.lower().endswith(".gz"):
-        expected = int(img.header.get_data_offset()) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
-        if path.stat().st_size < expected:
-            raise _error(path, "the NIfTI voxel data is truncated")
-
-
-_CHECKS = {"pillow": _check_pillow, "dicom": _check_dicom, "nifti": _check_nifti}
+    return _read(path, check=False)
 
 
 def check_image(path: str | os.PathLike) -> None:
-    """Validate that ``read_cxr`` can read ``path``, decoding as little as possible (run over whole datasets).
+    """Validate that ``read_cxr`` can read ``path``: the same code path (header checks and decode), except that a
+    JPEG is decoded at 1/8 scale. Run over whole datasets before training.
 
     Raises:
-        ImageReadError: when the file is missing, corrupt, truncated, multi-frame, a 3D volume or holds no image.
+        ImageReadError: exactly when ``read_cxr`` would.
     """
-    path = Path(path)
-    fmt = _detect_format(path)
-    try:
-        _CHECKS[fmt](path)
-    except ImageReadError:
-        raise
-    except Exception as err:  # as in read_cxr: any parser failure means the file is unusable
-        raise _error(path, f"not a valid {_FORMAT_NAMES[fmt]} image ({type(err).__name__})") from err
+    _read(path, check=True)
+
+
+def inference_datalist(folder: str | os.PathLike) -> list[dict]:
+    """``{"image", "id"}`` items of every image under ``folder`` (recursively) for inference: files with an image
+    suffix (``find_images``) and DICOM files by content whatever their name (no suffix, no Part-10 header). Every
+    other file is skipped and named in one warning, with the reason.
+    """
+    from monai_cxr_ssl.data.datasets import IMAGE_SUFFIXES
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: the inference dataset_dir does not exist; set it to a folder of images.")
+    items, skipped = [], []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = os.path.relpath(path, root)
+        if any(part.startswith(".") for part in Path(rel).parts):
+            skipped.append(f"{rel} (hidden)")
+        elif path.name.lower().endswith(IMAGE_SUFFIXES) or is_dicom(path):
+            items.append({"image": str(path), "id": rel})
+        else:
+            skipped.append(f"{rel} (no image suffix and not DICOM: no preamble, no pixel data)")
+    if skipped:
+        logger.warning("inference skips %d file(s) of %s: %s", len(skipped), root, "; ".join(skipped))
+    if not items:
+        raise ValueError(f"{root}: no images to run inference on (PNG, JPEG, DICOM, NIfTI); check dataset_dir.")
+    return items
 
 
 class LoadCXRImage(Transform):

@@ -16,6 +16,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 
 from monai_cxr_ssl.checkpoints import (
     PROVENANCE_FILE,
+    TRAINING_CHECKPOINT,
     changed_settings,
     read_checkpoint,
     read_provenance,
@@ -216,7 +217,7 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
 
     def _load(self, engine: Engine) -> None:
-        checkpoint = read_checkpoint(self.path, "training checkpoint")
+        checkpoint = read_checkpoint(self.path, TRAINING_CHECKPOINT)
         max_epochs = engine.state.max_epochs
         try:
             Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)

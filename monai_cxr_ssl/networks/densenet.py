@@ -143,3 +143,10 @@ class CXRDenseNet121(DenseNet121):
             load_imagenet_weights(self, pretrained_weights)
         if probabilities:
             self.class_layers.add_module("sigmoid", nn.Sigmoid())
+
+    @torch.jit.export
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``(B, 1024)`` globally pooled features the classification layer sees; exported with TorchScript, so
+        that a deployed model can tell how far an image lies from its training images."""
+        layers = self.class_layers
+        return layers.flatten(layers.pool(layers.relu(self.features(x))))
