@@ -236,7 +236,8 @@ def checkpoint_cases() -> list[Case]:
 
     return [
         Case("checkpoints", "last.pt made with other settings", stale_last, ("last.pt", "learning_rate")),
-        Case("checkpoints", "last.pt that is not a checkpoint", garbage_last, ("last.pt", "not a readable PyTorch checkpoint")),
+        Case("checkpoints", "last.pt that is not a checkpoint", garbage_last,
+             ("last.pt", "not a readable PyTorch checkpoint")),
         Case("checkpoints", "evaluate: model.pt that is not a checkpoint", garbage_model_evaluate,
              ("model.pt", "not a readable PyTorch checkpoint")),
         Case("checkpoints", "student: filtered.json of another seed's split (--set filtered_file)",
