@@ -2,8 +2,12 @@
 
 from monai_cxr_ssl.handlers.balanced_filter import BalancedFilter
 from monai_cxr_ssl.handlers.checkpoint import BestCheckpoint, ResumableCheckpoint
+from monai_cxr_ssl.handlers.mlflow import MLFlowRunHandler
 from monai_cxr_ssl.handlers.pseudo_label import PseudoLabelWriter
 from monai_cxr_ssl.handlers.report import AUROCReport
 from monai_cxr_ssl.handlers.seed import EpochSeed
 
-__all__ = ["AUROCReport", "BalancedFilter", "BestCheckpoint", "EpochSeed", "PseudoLabelWriter", "ResumableCheckpoint"]
+__all__ = [
+    "AUROCReport", "BalancedFilter", "BestCheckpoint", "EpochSeed", "MLFlowRunHandler", "PseudoLabelWriter",
+    "ResumableCheckpoint",
+]
