@@ -64,17 +64,24 @@ def tracking_client(tracking_uri: str) -> mlflow.MlflowClient:
 
 
 def find_run_id(tracking_uri: str, experiment_name: str, run_name: str) -> str | None:
-    """The id of the newest run called ``run_name`` in ``experiment_name``, or None if there is none."""
+    """The id of the newest run called ``run_name`` in ``experiment_name``, or None if there is none or the store
+    is unreachable (a reference for provenance: the work does not wait for the store)."""
     client = tracking_client(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
+    try:
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return None
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"attributes.run_name = '{run_name}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+    except Exception as e:
+        if not is_outage(e):
+            raise
+        logger.warning("MLflow store %s unreachable; the id of run %s is not recorded.", client.tracking_uri, run_name)
         return None
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"attributes.run_name = '{run_name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
     return runs[0].info.run_id if runs else None
 
 
