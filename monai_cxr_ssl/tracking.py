@@ -27,9 +27,9 @@ logger = logging.getLogger("monai_cxr_ssl")
 
 SUPERSEDED_SUFFIX = "-superseded"
 # Tracking calls fail fast instead of blocking training in minutes of retries (MLflow's defaults: 7 retries with
-# exponential back-off, 120 s timeout); set these variables to change them.
+# exponential back-off, 120 s timeout); ``TrackedRun`` retries itself, later. Set these variables to change them.
 HTTP_SETTINGS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
