@@ -24,9 +24,10 @@ class MLFlowRunHandler(MLFlowHandler):
 
     MONAI's handler continues the oldest unfinished run with its run name, in any folder, so a killed run made
     every later run of that name log into it. This one decides from the record instead: with ``resume`` (the
-    trainer continues from ``last.pt``) it continues the recorded run if the store still has it unfinished;
-    otherwise it creates a new run, a child of ``parent_run_id`` if given, and marks the recorded run, if
-    unfinished, killed and renamed ``<name>-superseded``. Tracking calls that cannot reach the store are kept
+    trainer continues from ``last.pt``) it continues the recorded run if the store still has it (finished too:
+    re-running a finished training adds no empty run); otherwise it creates a new run, a child of
+    ``parent_run_id`` if given, and marks the recorded run, if unfinished, killed and renamed
+    ``<name>-superseded``. Tracking calls that cannot reach the store are kept
     beside the record (``mlflow_pending.jsonl``, see ``TrackedRun``) and sent when it answers, at the latest when
     the run ends or is resumed, so training never waits for or fails on the tracking server.
 
@@ -84,7 +85,7 @@ class MLFlowRunHandler(MLFlowHandler):
         old = run.run_id
         run.flush()  # what an earlier process of this run could not send goes to that run first
         status = self._status(old) if old else None
-        if self.resume and old and status not in ("FINISHED", "gone"):
+        if self.resume and old and status != "gone":  # a finished one too: it is the same training, continued
             logger.info("MLflow: continuing run %s (%s), as training continues from its checkpoint.", old, name)
             run.call("update_run", status="RUNNING")
             return run
