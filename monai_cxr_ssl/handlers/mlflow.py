@@ -82,10 +82,10 @@ class MLFlowRunHandler(MLFlowHandler):
     def _open_run(self) -> TrackedRun:
         run = TrackedRun(self.client, self.run_record, self.retry_interval)
         name = self.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+        run.flush()  # what an earlier process of this run could not send (even its creation) goes to that run first
         old = run.run_id
-        run.flush()  # what an earlier process of this run could not send goes to that run first
         status = self._status(old) if old else None
-        if self.resume and old and status != "gone":  # a finished one too: it is the same training, continued
+        if self.resume and run.record and status != "gone":  # a finished run too: the same training, continued
             logger.info("MLflow: continuing run %s (%s), as training continues from its checkpoint.", old, name)
             run.call("update_run", status="RUNNING")
             return run
