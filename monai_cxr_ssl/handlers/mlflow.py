@@ -24,10 +24,10 @@ class MLFlowRunHandler(MLFlowHandler):
 
     MONAI's handler continues the oldest unfinished run with its run name, in any folder, so a killed run made
     every later run of that name log into it. This one decides from the record instead: with ``resume`` (the
-    trainer continues from ``last.pt``) it continues the recorded run if the store still has it (finished too:
-    re-running a finished training adds no empty run); otherwise it creates a new run, a child of
-    ``parent_run_id`` if given, and marks the recorded run, if unfinished, killed and renamed
-    ``<name>-superseded``. Tracking calls that cannot reach the store are kept
+    trainer continues from ``last.pt``) it continues the recorded run if the store has it unfinished (judged
+    before sending calls kept during an outage: a run that ended while the store was away is continued);
+    otherwise it creates a new run, a child of ``parent_run_id`` if given, and marks the recorded run, if
+    unfinished, killed and renamed ``<name>-superseded``. Tracking calls that cannot reach the store are kept
     beside the record (``mlflow_pending.jsonl``, see ``TrackedRun``) and sent when it answers, at the latest when
     the run ends or is resumed, so training never waits for or fails on the tracking server.
 
@@ -82,10 +82,11 @@ class MLFlowRunHandler(MLFlowHandler):
     def _open_run(self) -> TrackedRun:
         run = TrackedRun(self.client, self.run_record, self.retry_interval)
         name = self.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
-        run.flush()  # what an earlier process of this run could not send (even its creation) goes to that run first
+        # the store's view before the calls an earlier process kept (it may have ended while the store was away)
+        status = self._status(run.run_id) if run.run_id else None
+        run.flush()  # those go to that run first (its creation too, if the store was away when it started)
         old = run.run_id
-        status = self._status(old) if old else None
-        if self.resume and run.record and status != "gone":  # a finished run too: the same training, continued
+        if self.resume and run.record and status not in ("FINISHED", "gone"):
             logger.info("MLflow: continuing run %s (%s), as training continues from its checkpoint.", old, name)
             run.call("update_run", status="RUNNING")
             return run
