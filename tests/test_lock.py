@@ -110,7 +110,7 @@ def test_concurrent_runs_on_a_fresh_store(tmp_path):
         return subprocess.Popen(
             [sys.executable, "-m", "monai_cxr_ssl.cli", "run", "train", "demo", "--set", f"dataset_dir={data}",
              f"output_dir={tmp_path / out}", f"tracking_uri={uri}", "experiment_name=lock", "image_size=40",
-             "crop_size=32", "batch_size=8", "num_workers=0", "num_epochs=1", "labeled_fraction=0.5"],
+             "crop_size=32", "batch_size=8", "num_workers=0", "num_epochs=3", "labeled_fraction=0.5"],
             env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
 
