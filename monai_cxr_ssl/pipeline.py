@@ -30,9 +30,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 
+from monai_cxr_ssl.locking import output_lock
 from monai_cxr_ssl.results import columns, coverage, format_table1, table1, table1_notes
 from monai_cxr_ssl.settings import check_override_keys, check_settings
-from monai_cxr_ssl.tracking import claim_run, experiment_id, recorded_run, tracking_client
+from monai_cxr_ssl.tracking import TrackedRun, experiment_id, pending_file_of, recorded_run, tracking_client
 from monai_cxr_ssl.utils import atomic_write, read_json, write_json
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, make_workflow, run_workflow
 
@@ -49,7 +50,7 @@ PIPELINE_OPTIONS = ("method", "rounds")
 # folder is one: the split file's fingerprint of image ids and labels stops any stage if the data itself differs.
 BOOKKEEPING_IDS = frozenset(
     {"bundle_root", "tracking_uri", "experiment_name", "run_name", "run_suffix", "executed_config", "device",
-     "num_workers", "cache_rate", "resume", "dataset_dir"}
+     "num_workers", "cache_rate", "resume", "dataset_dir", "mlflow_run_record", "mlflow_parent_run_id"}
 )
 _KIND_OVERRIDE = re.compile(r"(\w+):(?!:)(.+)")
 
@@ -162,12 +163,13 @@ def _why(previous: dict, used: dict, inputs: dict[str, str]) -> str:
     return "; ".join(reasons) or "the stage's config files changed"
 
 
-def _clear(stage_dir: Path, keep: str) -> None:
+def _clear(stage_dir: Path, keep: set[str]) -> None:
     """Empty a stage folder before its stage re-runs (stale checkpoints such as ``last.pt`` must not be resumed),
-    keeping the marker ``keep`` of the evaluation that lives there so that it can say why it re-runs too."""
+    keeping the files named in ``keep``: the marker of the evaluation that lives there, so that it can say why it
+    re-runs too, and the MLflow run records."""
     if stage_dir.is_dir():
         for path in stage_dir.iterdir():
-            if path.name == keep:
+            if path.name in keep:
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -246,7 +248,14 @@ class Pipeline:
         return {**self.common, **per_kind, **step.settings, "stage": step.stage}
 
     def run(self) -> dict:
-        """Run (or resume) every step; returns the results (``labeled_fraction``, ``seed``, ``auroc`` per column)."""
+        """Run (or resume) every step; returns the results (``labeled_fraction``, ``seed``, ``auroc`` per column).
+
+        The output folder is locked for the run: a second pipeline or stage on it is refused while this one runs.
+        """
+        with output_lock(self.output_dir):
+            return self._run()
+
+    def _run(self) -> dict:
         client = tracking_client(self.tracking_uri)
         experiment = experiment_id(client, self.experiment_name)
         parent = self._parent_run(client, experiment)
@@ -261,7 +270,7 @@ class Pipeline:
                     )
                     break
                 outputs[step.name] = self._run_step(f"[{index}/{len(self.steps)}] {step.name}", step, outputs, client,
-                                                    experiment, parent)
+                                                    parent)
         except BaseException:
             client.set_terminated(parent, "FAILED")
             raise
@@ -287,10 +296,10 @@ class Pipeline:
         return run_id
 
     def _run_step(
-        self, label: str, step: Step, outputs: dict[str, dict], client: mlflow.MlflowClient, experiment: str,
-        parent: str,
+        self, label: str, step: Step, outputs: dict[str, dict], client: mlflow.MlflowClient, parent: str
     ) -> dict:
-        workflow = make_workflow([step.config, *self.overlays], self.bundle, **self._overrides(step))
+        workflow = make_workflow([step.config, *self.overlays], self.bundle, **self._overrides(step),
+                                 mlflow_parent_run_id=parent)
         parser = workflow.parser
         used = used_config(parser)
         inputs = {name: outputs[name]["output"] for name in step.inputs}
@@ -298,8 +307,12 @@ class Pipeline:
         stage_dir = Path(parser.get_parsed_content("stage_dir"))
         done_file, started_file = stage_dir / f".{step.config}.done.json", stage_dir / f".{step.config}.started.json"
         done, started = _marker(done_file), _marker(started_file)
+        record_file = Path(parser.get_parsed_content("mlflow_run_record"))
         if done is not None and done["key"] == key:
             self.echo(f"{label}: done earlier with the same settings and inputs; skipped")
+            run = TrackedRun(client, record_file)
+            if not run.flush():  # tracking calls it kept while the MLflow store was away
+                self.echo(f"{label}: the MLflow store is unreachable; its tracking calls stay in {run.pending_file}")
             try:
                 client.set_tag(done["run_id"], MLFLOW_PARENT_RUN_ID, parent)
             except mlflow.exceptions.MlflowException:
@@ -315,11 +328,15 @@ class Pipeline:
         else:
             self.echo(f"{label}: running")
         if not resume and step.config != "evaluate":
-            _clear(stage_dir, keep=done_file.name.replace(step.config, "evaluate"))
-        run_id = claim_run(client, experiment, parser.get_parsed_content("run_name"), parent, resume)
-        record = {"key": key, "step": step.name, "config": used, "inputs": inputs, "run_id": run_id}
+            # the evaluation's marker, and the MLflow run records: the stage's handler marks a superseded run killed
+            evaluate_record = record_file.name.replace("mlflow_run", "mlflow_run_evaluate")
+            _clear(stage_dir, keep={done_file.name.replace(step.config, "evaluate"), record_file.name,
+                                    pending_file_of(record_file).name, evaluate_record,
+                                    pending_file_of(evaluate_record).name})
+        record = {"key": key, "step": step.name, "config": used, "inputs": inputs}
         write_json(started_file, record)
-        run_workflow(workflow)
+        run_workflow(workflow)  # its MLflow handler continues the recorded run if it resumes, else starts one
+        record["run_id"] = read_json(record_file, "MLflow run record", "re-run the stage")["run_id"]
         record["output"] = uuid.uuid4().hex  # identifies this result: stages reading it re-run when it is re-made
         if step.column:
             split = parser.get_parsed_content("eval_split")
@@ -371,7 +388,8 @@ def run_sweep(
     echo: Callable[[str], None] = print,
 ) -> list[dict]:
     """Run the pipeline for every λ × seed, each in ``<output_dir>/lambda<λ>-seed<s>``, under one MLflow sweep run,
-    then print and log Table I with mean ± std over seeds (``<output_dir>/table1.md``, ``table1.json``)."""
+    then print and log Table I with mean ± std over seeds (``<output_dir>/table1.md``, ``table1.json``). The
+    sweep's folder is locked while it runs."""
     if not labeled_fractions or not seeds:
         raise ValueError("a sweep needs at least one labeled fraction and one seed.")
     common, _ = split_overrides(dict(overrides))
@@ -382,27 +400,28 @@ def run_sweep(
                             "output_dir": str(base / f"lambda{fraction}-seed{seed}")}, bundle, echo=echo)
         for fraction in labeled_fractions for seed in seeds
     ]
-    client = tracking_client(parser.get_parsed_content("tracking_uri"))
-    experiment = experiment_id(client, parser.get_parsed_content("experiment_name"))
-    sweep, _ = recorded_run(client, experiment, base / "sweep_run.json", f"sweep-{base.name}")
-    client.set_tag(sweep, "labeled_fractions", json.dumps(list(labeled_fractions)))
-    client.set_tag(sweep, "seeds", json.dumps(list(seeds)))
-    for pipeline in pipelines:
-        pipeline.sweep_run_id = sweep
-    results = []
-    try:
+    with output_lock(base):  # the sweep's folder; each pipeline locks its own sub-folder too
+        client = tracking_client(parser.get_parsed_content("tracking_uri"))
+        experiment = experiment_id(client, parser.get_parsed_content("experiment_name"))
+        sweep, _ = recorded_run(client, experiment, base / "sweep_run.json", f"sweep-{base.name}")
+        client.set_tag(sweep, "labeled_fractions", json.dumps(list(labeled_fractions)))
+        client.set_tag(sweep, "seeds", json.dumps(list(seeds)))
         for pipeline in pipelines:
-            results.append(pipeline.run())
-    except BaseException:
-        client.set_terminated(sweep, "FAILED")
-        raise
-    rows = table1(results)
-    table = format_table1(rows, table1_notes(results))
-    write_json(base / "table1.json", {"rows": rows, "results": results})
-    with atomic_write(base / "table1.md") as f:
-        f.write(table)
-    client.log_artifact(sweep, str(base / "table1.md"))
-    client.log_artifact(sweep, str(base / "table1.json"))
-    client.set_terminated(sweep, "FINISHED")
-    echo(f"\nTable I (test AUROC, ten-crop TTA; mean ± std over seeds {list(seeds)}):\n{table}")
-    return results
+            pipeline.sweep_run_id = sweep
+        results = []
+        try:
+            for pipeline in pipelines:
+                results.append(pipeline.run())
+        except BaseException:
+            client.set_terminated(sweep, "FAILED")
+            raise
+        rows = table1(results)
+        table = format_table1(rows, table1_notes(results))
+        write_json(base / "table1.json", {"rows": rows, "results": results})
+        with atomic_write(base / "table1.md") as f:
+            f.write(table)
+        client.log_artifact(sweep, str(base / "table1.md"))
+        client.log_artifact(sweep, str(base / "table1.json"))
+        client.set_terminated(sweep, "FINISHED")
+        echo(f"\nTable I (test AUROC, ten-crop TTA; mean ± std over seeds {list(seeds)}):\n{table}")
+        return results

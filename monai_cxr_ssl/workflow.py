@@ -1,17 +1,20 @@
-"""Run the bundles' configs in-process, as ``python -m monai.bundle run`` does, recording the executed config."""
+"""Run the bundles' configs in-process, as ``python -m monai.bundle run`` does, one run per output folder,
+recording the executed config."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
+from monai_cxr_ssl.locking import output_lock
 from monai_cxr_ssl.settings import check_override_keys, check_settings, stage_epochs
-from monai_cxr_ssl.utils import write_json
+from monai_cxr_ssl.utils import atomic_write, write_json
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -82,18 +85,70 @@ def make_workflow(
 
 
 def run_workflow(workflow: ConfigWorkflow) -> ConfigWorkflow:
-    """Initialise, run and finalise ``workflow``; returns it so callers can read parsed results.
+    """Initialise, run and finalise ``workflow`` holding the lock on its ``output_dir``; returns it so callers can
+    read parsed results.
 
-    Before running, the merged config (files plus overrides) is written to the path in the
-    config's ``executed_config`` so that the MLflow run can keep it as an artifact.
+    Once ``initialize`` has succeeded the merged config (files plus overrides) is written to the path in the
+    config's ``executed_config``, so that the MLflow run can keep it as an artifact. If the workflow then fails
+    without saving a checkpoint to resume from (``train#checkpoint``'s ``last.pt`` unchanged), what this run
+    created is taken away again: the executed config (an earlier one is put back) and the split file if this
+    run made it. A failure that leaves a resumable checkpoint keeps both: the resumed run needs them.
     """
-    workflow.initialize()
     parser = workflow.parser
-    if "executed_config" in parser:
-        write_json(parser.get_parsed_content("executed_config"), parser.get())
-    workflow.run()
-    workflow.finalize()
+    lock = output_lock(parser.get_parsed_content("output_dir")) if "output_dir" in parser else nullcontext()
+    with lock:
+        before = _Snapshot(parser)
+        try:
+            workflow.initialize()
+            if "executed_config" in parser:
+                write_json(before.executed_config, parser.get())
+            workflow.run()
+            workflow.finalize()
+        except BaseException:
+            before.undo_if_not_resumable()
+            raise
     return workflow
+
+
+class _Snapshot:
+    """The files a failed workflow may have to take back, as they were before it ran."""
+
+    def __init__(self, parser: ConfigParser) -> None:
+        def path(id_: str) -> Path | None:
+            return Path(parser.get_parsed_content(id_)) if id_ in parser else None
+
+        self.executed_config = path("executed_config")
+        self.config_bytes = _read(self.executed_config)
+        self.split_file = path("split_file")
+        self.split_existed = self.split_file is not None and self.split_file.exists()
+        self.checkpoint = None
+        if "train#checkpoint#save_dir" in parser:
+            save_dir = parser.get_parsed_content("train#checkpoint#save_dir")
+            self.checkpoint = Path(save_dir) / parser.get("train#checkpoint#filename", "last.pt")
+        self.checkpoint_stamp = _stamp(self.checkpoint)
+
+    def undo_if_not_resumable(self) -> None:
+        if self.checkpoint is not None and _stamp(self.checkpoint) != self.checkpoint_stamp:
+            return  # it saved a checkpoint: a resume continues from it with this config and split
+        if self.executed_config is not None:
+            if self.config_bytes is None:
+                self.executed_config.unlink(missing_ok=True)
+            elif _read(self.executed_config) != self.config_bytes:
+                with atomic_write(self.executed_config, "wb") as f:
+                    f.write(self.config_bytes)
+        if self.split_file is not None and not self.split_existed:
+            self.split_file.unlink(missing_ok=True)
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path is not None and path.is_file() else None
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    if path is None or not path.exists():
+        return None
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_ino
 
 
 def run_bundle(

@@ -1,4 +1,5 @@
-"""The ``monai-cxr-ssl`` command: recorded executed config, clear errors for bad settings."""
+"""The ``monai-cxr-ssl`` command: recorded executed config, clear errors for bad settings, nothing left by a failed
+stage."""
 
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ def test_run_records_executed_config_in_mlflow(data, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config_executed.json", "split.json"}
 
+    # A stage that fails after initialize takes back what it made, not what the teacher stage made before it.
+    made = sorted(p.relative_to(out) for p in out.rglob("*"))
+    failed = _cli(
+        "run", "evaluate", "demo", "--set", f"dataset_dir={data}", f"output_dir={out}", f"tracking_uri={uri}",
+        "experiment_name=cli", "labeled_fraction=0.5", "eval_split=no_such_split", *TINY, cwd=tmp_path,
+    )
+    assert failed.returncode == 1 and "no_such_split" in failed.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == made  # no config_evaluate.json left
+
 
 @pytest.mark.parametrize(
     "setting, message",
@@ -61,6 +71,7 @@ def test_bad_settings_fail_before_training(data, tmp_path, setting, message):
     assert done.returncode == 2
     assert message in done.stderr.splitlines()[-1]
     assert not (out / "teacher" / "models").exists()  # nothing trained, nothing half-written
+    assert not (out / "teacher" / "config_executed.json").exists() and not (out / "split.json").exists()
 
 
 def test_only_the_deploy_app_imports_the_monai_deploy_sdk():

@@ -293,3 +293,28 @@ def test_handler_leaves_no_file_when_the_run_is_terminated(tmp_path, checkpoint)
     evaluator.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda e: e.terminate())
     evaluator.run()
     assert list((tmp_path / "out").iterdir()) == [] and "pseudo_label_count" not in evaluator.state.metrics
+
+
+def test_handler_removes_the_temporary_file_of_a_killed_run(tmp_path, checkpoint):
+    """A run killed mid-pass (SIGKILL: no clean-up) leaves its temporary file; the re-run takes it away."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "pseudo" / "unlabeled.jsonl"
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+from monai_cxr_ssl.pseudo_labels import PseudoLabelFileWriter, pseudo_label_header
+writer = PseudoLabelFileWriter({str(out)!r}, pseudo_label_header({CLASSES!r}, "fp-abc", {str(checkpoint)!r}))
+writer.write(["img_001"], [[0.5, 0.5]])
+os.kill(os.getpid(), signal.SIGKILL)
+"""], env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in out.parent.glob(".unlabeled.jsonl.*.tmp")]  # what the kill left behind
+
+    handler = PseudoLabelWriter(out, CLASSES, "fp-abc", checkpoint)
+    evaluator, _, data = _evaluator(handler)
+    evaluator.run()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["unlabeled.jsonl", "unlabeled_hist.png"]
+    assert read_pseudo_labels(out)[1] == [item["id"] for item in data]

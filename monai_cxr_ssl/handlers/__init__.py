@@ -2,6 +2,7 @@
 
 from monai_cxr_ssl.handlers.balanced_filter import BalancedFilter
 from monai_cxr_ssl.handlers.checkpoint import BestCheckpoint, ResumableCheckpoint
+from monai_cxr_ssl.handlers.mlflow import MLFlowRunHandler
 from monai_cxr_ssl.handlers.predictions import PredictionsCSV
 from monai_cxr_ssl.handlers.pseudo_label import PseudoLabelWriter
 from monai_cxr_ssl.handlers.report import AUROCReport
@@ -12,6 +13,7 @@ __all__ = [
     "BalancedFilter",
     "BestCheckpoint",
     "EpochSeed",
+    "MLFlowRunHandler",
     "PredictionsCSV",
     "PseudoLabelWriter",
     "ResumableCheckpoint",

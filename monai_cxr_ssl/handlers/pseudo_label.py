@@ -26,8 +26,9 @@ class PseudoLabelWriter:
 
     The file (see :mod:`monai_cxr_ssl.pseudo_labels`) is opened at ``EPOCH_STARTED`` and renamed into place at
     ``EPOCH_COMPLETED``, the end of the pass over the data; a run that is terminated early or raises leaves no
-    file behind. At ``EPOCH_COMPLETED`` it also draws the per-class histograms of the probabilities into
-    ``<stem>_hist.png`` beside the file, keeps the numbers in ``summary`` and adds ``pseudo_label_count`` (and,
+    file behind, and the temporary file of a killed run is removed when the pass is made again. At
+    ``EPOCH_COMPLETED`` it also draws the per-class histograms of the probabilities into ``<stem>_hist.png``
+    beside the file, keeps the numbers in ``summary`` and adds ``pseudo_label_count`` (and,
     with ``include_labels``, ``pseudo_label_accuracy`` and ``pseudo_label_auroc``, means over the classes) to
     ``engine.state.metrics``, so that a metrics logger attached after it (``MLFlowHandler``) records them and can
     log ``output_file`` and ``histogram_file`` as artifacts.
@@ -88,6 +89,10 @@ class PseudoLabelWriter:
 
     def _open(self, engine: Engine) -> None:
         self._abort(engine)
+        # A killed run (SIGKILL, power loss) cannot delete its temporary file; the run that redoes the pass does.
+        # Only one run writes into an output folder at a time (monai_cxr_ssl.locking), so none of these is live.
+        for stale in self.output_file.parent.glob(f".{self.output_file.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         header = pseudo_label_header(
             self.class_names, self.dataset_fingerprint, self.teacher_checkpoint, self.teacher_run_id,
             self.split_fingerprint,

@@ -1,0 +1,109 @@
+"""One run per output folder: an exclusive ``flock`` on ``<output_dir>/.lock``, held while a run writes there.
+
+The lock belongs to the process (re-entrant inside it: the pipeline runs its stages in-process under its own
+lock) and the kernel releases it when the process ends, however it ends, so a crash leaves no stale lock. The
+file also names the holder (pid, host, start time, command) for the message a refused second run gets; a record
+left in it when the lock is free is that of a holder that died without releasing, which the next run reports.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger("monai_cxr_ssl")
+
+LOCK_NAME = ".lock"
+_held: dict[Path, list] = {}  # lock file -> [open file, hold count] in this process
+
+
+class FolderInUseError(ValueError):
+    """Another live process holds the output folder's lock (a ``ValueError``: the CLI prints it as one line)."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        info = {}
+    if not info:
+        return "another process (it has not written its name yet)"
+    return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')} "
+            f"({' '.join(info.get('command', []))})")
+
+
+def _acquire(path: Path, what: str) -> None:
+    if path in _held:
+        _held[path][1] += 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")  # noqa: SIM115 - kept open while the lock is held
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise FolderInUseError(
+            f"{path.parent}: {what} is in use by another run: {_holder(path)}; wait for it to end, or give this "
+            "run another output_dir."
+        ) from None
+    f.seek(0)
+    previous = f.read().strip()
+    if previous:
+        logger.warning("%s: the previous run here (%s) ended without releasing its lock (killed or crashed); "
+                       "its unfinished outputs are resumed or redone.", path.parent, _holder(path))
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "command": sys.argv}))
+    f.flush()
+    _held[path] = [f, 1]
+
+
+def _release(path: Path) -> None:
+    entry = _held[path]
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held[path]
+        f = entry[0]
+        f.truncate(0)  # a clean exit leaves no holder record behind
+        f.close()  # closing the descriptor releases the flock
+
+
+@contextmanager
+def output_lock(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock on ``output_dir`` for the block; a second process is refused (``FolderInUseError`` naming
+    the holder) until the block ends or the holder dies. Re-entrant within one process."""
+    path = Path(output_dir).resolve() / LOCK_NAME
+    _acquire(path, "the output folder")
+    try:
+        yield
+    finally:
+        _release(path)
+
+
+def lock_output_dir(output_dir: str | os.PathLike) -> None:
+    """Hold the lock on ``output_dir`` for the rest of this process, unless this process holds it already.
+
+    For a bundle's ``initialize`` (plain ``python -m monai.bundle run``); in-process callers use ``output_lock``.
+    """
+    path = Path(output_dir).resolve() / LOCK_NAME
+    if path not in _held:
+        _acquire(path, "the output folder")
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """A blocking exclusive lock on the file ``path`` for the block (waits for other processes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock

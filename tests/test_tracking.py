@@ -1,0 +1,167 @@
+"""The stages' MLflow runs (monai_cxr_ssl.handlers.MLFlowRunHandler, monai_cxr_ssl.tracking): a killed run no
+longer captures later runs of the same name, and training goes on through an outage of a real ``mlflow server``
+on loopback, its tracking calls sent when the run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [REPO / "bundles" / "cxr_classifier" / "configs" / "train.json", REPO / "configs" / "demo.json"]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+TINY = {"image_size": 40, "crop_size": 32, "batch_size": 8, "labeled_fraction": 0.5, "num_workers": 0}
+RUN_NAME = "teacher-lambda0.5-seed0"
+
+
+def _bundle_run(cwd: Path, **args) -> list[str]:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr([str(p) for p in CONFIGS])]
+    for key, value in {**TINY, **args}.items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from monai_cxr_ssl.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("tracking") / "data", n_train=40, n_test=10, image_size=48)
+
+
+def test_a_killed_run_does_not_capture_later_runs(data, tmp_path):
+    """MONAI's handler continued the oldest unfinished run of its name: after a killed run, every later run with
+    a changed setting failed with "Changing param values is not allowed", in any folder and with resume false."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = {"dataset_dir": data, "tracking_uri": uri, "experiment_name": "killed", "num_epochs": 4}
+    first = tmp_path / "first"
+    proc = subprocess.Popen(_bundle_run(tmp_path, **common, output_dir=first), cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (first / "teacher" / "models" / "last.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before epoch 1"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = json.loads((first / "teacher" / "mlflow_run.json").read_text())["run_id"]
+
+    for args in ({"output_dir": tmp_path / "second", "learning_rate": 0.001},
+                 {"output_dir": first, "learning_rate": 0.001, "num_epochs": 1, "resume": False}):
+        done = subprocess.run(_bundle_run(tmp_path, **{**common, **args}), cwd=tmp_path, env=ENV,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    client = mlflow.MlflowClient(uri)
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("killed").experiment_id])}
+    assert len(runs) == 3
+    assert runs[killed].info.status == "KILLED" and runs[killed].info.run_name == RUN_NAME + "-superseded"
+    assert runs[killed].data.params["learning_rate"] == "0.0003"  # demo.json's
+    new = [r for r in runs.values() if r.info.run_id != killed]
+    assert [r.info.run_name for r in new] == [RUN_NAME] * 2
+    for run in new:
+        assert run.info.status == "FINISHED" and run.data.params["learning_rate"] == "0.001"
+    restarted = json.loads((first / "teacher" / "mlflow_run.json").read_text())["run_id"]
+    assert restarted in runs and restarted != killed and runs[restarted].data.params["num_epochs"] == "1"
+
+    # no image (patient) identifiers in params or tags
+    split = json.loads((first / "split.json").read_text())
+    names = {Path(item["id"]).stem for key in ("labeled", "unlabeled", "validation", "test") for item in split[key]}
+    for run in runs.values():
+        logged = json.dumps([run.data.params, run.data.tags])
+        assert not [n for n in names if n in logged], run.info.run_name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """A real ``mlflow server`` on loopback that the test stops and starts again (same store, same port)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = f"http://127.0.0.1:{_free_port()}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "server-artifacts"), "--host", "127.0.0.1",
+             "--port", self.uri.rsplit(":", 1)[1], "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers, as when its machine goes away
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = _Server(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_training_goes_on_while_the_tracking_server_is_down(data, tmp_path, server):
+    out = tmp_path / "out"
+    cmd = _bundle_run(tmp_path, dataset_dir=data, output_dir=out, tracking_uri=server.uri,
+                      experiment_name="outage", num_epochs=3)
+    log_file = tmp_path / "train.log"
+    with open(log_file, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    record = out / "teacher" / "mlflow_run.json"
+    deadline = time.monotonic() + 300
+    while not record.exists():  # the run is created on the server: now the server goes away
+        assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
+        time.sleep(0.05)
+    server.stop()
+    assert proc.wait(timeout=600) == 0, log_file.read_text()[-3000:]
+    log = log_file.read_text()
+    warnings = [line for line in log.splitlines() if " - monai_cxr_ssl - WARNING - " in line]
+    assert len(warnings) == 2, log[-3000:]  # the outage, and where the calls stay
+    # no stack trace, and no retries: MLflow's default 7 retries with back-off blocked every call for 4 minutes
+    assert "Traceback" not in log and "Retrying" not in log
+    assert "unreachable (" in warnings[0] and "tracking calls stay in" in warnings[1]
+    trainer = __import__("torch").load(out / "teacher" / "models" / "last.pt", weights_only=True)["trainer"]
+    assert trainer["iteration"] // trainer["epoch_length"] == 3  # training finished without the server
+    pending = out / "teacher" / "mlflow_pending.jsonl"
+    assert pending.stat().st_size > 0
+
+    server.start()
+    # the same command again: training is finished, the stage resumes its run and sends what it kept
+    done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not pending.exists()
+    client = mlflow.MlflowClient(server.uri)
+    run_id = json.loads(record.read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == RUN_NAME
+    for key in ("train_loss", "val_auroc"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
+    assert run.data.params["num_epochs"] == "3" and "split.json" in {a.path for a in client.list_artifacts(run_id)}
+    assert len(client.search_runs([run.info.experiment_id])) == 1
