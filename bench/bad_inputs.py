@@ -53,6 +53,8 @@ class Workspace:
         self._trained: dict[int, Path] = {}
         self.count = 0
         self.mounts: list[Path] = []
+        self.holders: list[subprocess.Popen] = []
+        self._model: Path | None = None
 
     def folder(self) -> Path:
         self.count += 1
@@ -71,6 +73,13 @@ class Workspace:
                 cli("run", stage, "demo", *self.common(out, f"seed={seed}"), check=True)
             self._trained[seed] = out
         return self._trained[seed]
+
+    def model(self) -> Path:
+        """The trained teacher exported to TorchScript, made once."""
+        if self._model is None:
+            self._model = self.root / "model.ts"
+            cli("export", str(self.trained(0)), "-o", str(self._model), "--ood-images", "8", check=True)
+        return self._model
 
     def copy_trained(self, seed: int = 0) -> Path:
         out = self.folder() / "exp"
@@ -264,7 +273,136 @@ def disk_cases() -> list[Case]:
                  ("no space left on device", "model.pt"))]
 
 
-GROUPS = {"settings": settings_cases, "data": data_cases, "checkpoints": checkpoint_cases, "disk": disk_cases}
+def _dicom(path: Path, **tags: object) -> Path:
+    """A small valid CR chest radiograph (8-bit, 64 x 64) made with pydicom; ``tags`` change or (None) drop tags."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.PatientName, ds.PatientID = "CR", "CHEST", "Battery^Case", "BAT-1"
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = (np.arange(64 * 64) % 251).astype(np.uint8).tobytes()
+    for key, value in tags.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def deploy_cases() -> list[Case]:
+    def app(*args: str) -> list[str]:
+        return [sys.executable, "-m", "monai_cxr_ssl.deploy", *args]
+
+    def study(ws: Workspace, **tags: object) -> list[str]:
+        folder = ws.folder()
+        _dicom(folder / "in" / "image.dcm", **tags)
+        return app("-i", str(folder / "in"), "-o", str(folder / "out"), "-m", str(ws.model()))
+
+    def missing_input(ws: Workspace) -> list[str]:
+        return app("-i", str(ws.root / "no_such_study"), "-o", str(ws.folder() / "out"), "-m", str(ws.model()))
+
+    def missing_model(ws: Workspace) -> list[str]:
+        folder = ws.folder()
+        _dicom(folder / "in" / "image.dcm")
+        return app("-i", str(folder / "in"), "-o", str(folder / "out"), "-m", str(folder / "none.ts"))
+
+    def text_model(ws: Workspace) -> list[str]:
+        folder = ws.folder()
+        _dicom(folder / "in" / "image.dcm")
+        (folder / "model.ts").write_text("not a model")
+        return app("-i", str(folder / "in"), "-o", str(folder / "out"), "-m", str(folder / "model.ts"))
+
+    def text_file(ws: Workspace) -> list[str]:
+        folder = ws.folder()
+        _dicom(folder / "in" / "image.dcm")
+        (folder / "in" / "notes.txt").write_text("a note")
+        return app("-i", str(folder / "in"), "-o", str(folder / "out"), "-m", str(ws.model()))
+
+    def truncated(ws: Workspace) -> list[str]:
+        folder = ws.folder()
+        path = _dicom(folder / "in" / "image.dcm")
+        path.write_bytes(path.read_bytes()[:-2000])
+        return app("-i", str(folder / "in"), "-o", str(folder / "out"), "-m", str(ws.model()))
+
+    return [
+        Case("deploy", "app: input folder does not exist", missing_input, ("no_such_study", "does not exist")),
+        Case("deploy", "app: model file does not exist", missing_model, ("none.ts", "does not exist")),
+        Case("deploy", "app: model file that is not TorchScript", text_model, ("model.ts", "TorchScript")),
+        Case("deploy", "app: a text file among the DICOM files", text_file, ("notes.txt", "not a DICOM")),
+        Case("deploy", "app: truncated pixel data", truncated, ("image.dcm", "pixel data")),
+        Case("deploy", "app: dental panoramic (no body part, SeriesDescription OPG)",
+             lambda ws: study(ws, BodyPartExamined=None, SeriesDescription="OPG"),
+             ("chest", "--accept-unknown-body-part")),
+        Case("deploy", "app: an MR series", lambda ws: study(ws, Modality="MR"), ("radiograph",)),
+        Case("deploy", "app: a knee radiograph", lambda ws: study(ws, BodyPartExamined="KNEE"), ("chest",)),
+    ]
+
+
+def export_cases() -> list[Case]:
+    def injected(ws: Workspace) -> list[str]:
+        out = ws.copy_trained()
+        recorded = out / "teacher" / "config_executed.json"
+        config = json.loads(recorded.read_text())
+        config["image_size"] = f"$__import__('pathlib').Path('{ws.root / 'pwned'}').touch() or 40"
+        recorded.write_text(json.dumps(config))
+        return cli("export", str(out / "teacher"), "-o", str(out / "model.ts"), "--ood-images", "0")
+
+    def garbage(ws: Workspace) -> list[str]:
+        out = ws.copy_trained()
+        _garbage(out / "teacher" / "models" / "model.pt")
+        return cli("export", str(out), "-o", str(out / "model.ts"), "--ood-images", "0")
+
+    def two_stages(ws: Workspace) -> list[str]:
+        out = ws.copy_trained()
+        shutil.copytree(out / "teacher", out / "student")
+        return cli("export", str(out), "-o", str(out / "model.ts"), "--ood-images", "0")
+
+    def inference(ws: Workspace) -> list[str]:
+        folder = ws.folder()
+        return cli("run", "inference", "--set", f"dataset_dir={ws.data / 'test'}", "num_workers=0",
+                   f"ckpt_path={_garbage(folder / 'model.pt')}", f"output_dir={folder / 'out'}")
+
+    return [
+        Case("export", "export: a '$' expression injected into config_executed.json", injected,
+             ("config_executed.json", "not a plain value")),
+        Case("export", "export: model.pt that is not a checkpoint", garbage,
+             ("model.pt", "not a readable PyTorch checkpoint")),
+        Case("export", "export: two stages and no results.json", two_stages, ("student", "teacher")),
+        Case("export", "inference: ckpt_path that is not a checkpoint", inference,
+             ("model.pt", "not a readable PyTorch checkpoint")),
+    ]
+
+
+def lock_cases() -> list[Case]:
+    def in_use(ws: Workspace) -> list[str]:
+        out = ws.folder() / "out"
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from monai_cxr_ssl.locking import "
+                                   "lock_output_dir; lock_output_dir(sys.argv[1]); print('held', flush=True); "
+                                   "time.sleep(600)", str(out)], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
+        holder.stdout.readline()  # the lock is held
+        ws.holders.append(holder)
+        return cli("run", "train", "demo", *ws.common(out))
+
+    return [Case("folders", "output_dir in use by another run", in_use, ("in use by another run",))]
+
+
+GROUPS = {"settings": settings_cases, "data": data_cases, "checkpoints": checkpoint_cases, "folders": lock_cases,
+          "disk": disk_cases, "deploy": deploy_cases, "export": export_cases}
 
 
 def error_line(output: str) -> str:
@@ -308,11 +446,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bad_inputs.") as tmp:
         ws = Workspace(Path(tmp))
         try:
-            if any(c.group == "checkpoints" for c in cases):
+            if any(c.group in ("checkpoints", "export", "deploy") for c in cases):
                 ws.trained(0), ws.trained(1)  # made before the parallel cases need them
+            if any(c.group == "deploy" for c in cases):
+                ws.model()
             with ThreadPoolExecutor(args.jobs) as pool:
                 rows = list(pool.map(lambda c: run_case(c, ws), cases))
+            if (ws.root / "pwned").exists():  # the injected expression ran: that export case is not clear
+                for row in rows:
+                    row["clear"] = row["clear"] and "injected" not in row["case"]
         finally:
+            for holder in ws.holders:
+                holder.kill()
             for mount in ws.mounts:
                 subprocess.run(["umount", str(mount)], check=False)
     table = markdown(rows)
