@@ -4,11 +4,8 @@ store and an ``mlflow server`` started on loopback."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import mlflow
 import numpy as np
@@ -101,44 +98,12 @@ def test_per_class_bars_for_multilabel_runs(tmp_path):
     assert (tmp_path / "out" / "per_class_auroc.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail("mlflow server did not start on loopback")
-            time.sleep(0.5)
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_compare_command_against_an_mlflow_server(mlflow_server, tmp_path):
-    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
     experiment = client.create_experiment("cxr")
     log_evaluations(client, experiment, tmp_path)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
     done = subprocess.run(
         [sys.executable, "-m", "monai_cxr_ssl.cli", "compare", "cxr", "--method", "teacher_student",
          "--output-dir", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300,

@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -82,54 +80,9 @@ def test_a_killed_run_does_not_capture_later_runs(data, tmp_path):
         assert not [n for n in names if n in logged], run.info.run_name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    """A real ``mlflow server`` on loopback that the test stops and starts again (same store, same port)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.uri = f"http://127.0.0.1:{_free_port()}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "server-artifacts"), "--host", "127.0.0.1",
-             "--port", self.uri.rsplit(":", 1)[1], "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                assert self.proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers, as when its machine goes away
-            self.proc.wait()
-
-
-@pytest.fixture
-def server(tmp_path):
-    server = _Server(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-def test_training_goes_on_while_the_tracking_server_is_down(data, tmp_path, server):
+def test_training_goes_on_while_the_tracking_server_is_down(data, tmp_path, mlflow_server):
     out = tmp_path / "out"
-    cmd = _bundle_run(tmp_path, dataset_dir=data, output_dir=out, tracking_uri=server.uri,
+    cmd = _bundle_run(tmp_path, dataset_dir=data, output_dir=out, tracking_uri=mlflow_server.uri,
                       experiment_name="outage", num_epochs=3)
     log_file = tmp_path / "train.log"
     with open(log_file, "w") as f:
@@ -139,7 +92,7 @@ def test_training_goes_on_while_the_tracking_server_is_down(data, tmp_path, serv
     while not record.exists():  # the run is created on the server: now the server goes away
         assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
         time.sleep(0.05)
-    server.stop()
+    mlflow_server.stop()
     assert proc.wait(timeout=600) == 0, log_file.read_text()[-3000:]
     log = log_file.read_text()
     warnings = [line for line in log.splitlines() if " - monai_cxr_ssl - WARNING - " in line]
@@ -152,12 +105,12 @@ def test_training_goes_on_while_the_tracking_server_is_down(data, tmp_path, serv
     pending = out / "teacher" / "mlflow_pending.jsonl"
     assert pending.stat().st_size > 0
 
-    server.start()
+    mlflow_server.start()
     # the same command again: training is finished, the stage resumes its run and sends what it kept
     done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not pending.exists()
-    client = mlflow.MlflowClient(server.uri)
+    client = mlflow.MlflowClient(mlflow_server.uri)
     run_id = json.loads(record.read_text())["run_id"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == RUN_NAME
