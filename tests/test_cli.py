@@ -48,9 +48,9 @@ def test_run_records_executed_config_in_mlflow(data, tmp_path):
     made = sorted(p.relative_to(out) for p in out.rglob("*"))
     failed = _cli(
         "run", "evaluate", "demo", "--set", f"dataset_dir={data}", f"output_dir={out}", f"tracking_uri={uri}",
-        "experiment_name=cli", "labeled_fraction=0.5", "eval_split=no_such_split", *TINY, cwd=tmp_path,
-    )
-    assert failed.returncode == 1 and "no_such_split" in failed.stderr
+        "experiment_name=cli", "labeled_fraction=0.5", "validate#dataloader#batch_size=0", *TINY, cwd=tmp_path,
+    )  # a loader the checks do not know: it fails when the evaluation starts
+    assert failed.returncode == 2 and "batch_size" in failed.stderr.splitlines()[-1]
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == made  # no config_evaluate.json left
 
 

@@ -2,6 +2,7 @@
 
 from monai_cxr_ssl.handlers.balanced_filter import BalancedFilter
 from monai_cxr_ssl.handlers.checkpoint import BestCheckpoint, ResumableCheckpoint
+from monai_cxr_ssl.handlers.errors import UserErrors
 from monai_cxr_ssl.handlers.mlflow import MLFlowRunHandler
 from monai_cxr_ssl.handlers.predictions import PredictionsCSV
 from monai_cxr_ssl.handlers.pseudo_label import PseudoLabelWriter
@@ -17,4 +18,5 @@ __all__ = [
     "PredictionsCSV",
     "PseudoLabelWriter",
     "ResumableCheckpoint",
+    "UserErrors",
 ]
