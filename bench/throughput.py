@@ -35,7 +35,8 @@ def bundle_parser(args: argparse.Namespace, *configs: str) -> ConfigParser:
     parser.read_config([str(CONFIGS / c) for c in configs])
     parser.update(
         {"bundle_root": str(CONFIGS.parent), "image_size": args.image_size, "crop_size": args.crop_size,
-         "batch_size": args.batch_size, "num_workers": 0, "device": "$torch.device('cpu')"}
+         "batch_size": args.batch_size, "num_workers": 0, "device": "$torch.device('cpu')",
+         "network_def#num_classes": 1}  # one finding, without reading a dataset's split
     )
     return parser
 
