@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from _results import write_results  # a sibling module: bench/ is on sys.path when run as bench/<script>.py
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -465,8 +466,7 @@ def main() -> None:
     clear = sum(r["clear"] for r in rows)
     print(f"{clear} of {len(rows)} cases clear")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bad_inputs.json").write_text(json.dumps({"cases": rows, "clear": clear, "total": len(rows)},
-                                                        indent=2) + "\n")
+    write_results(__file__, {"rows": rows, "clear": clear, "total": len(rows)}, {"only": args.only, "jobs": args.jobs})
     (RESULTS / "bad_inputs.md").write_text(table + f"\n{clear} of {len(rows)} cases clear "
                                            "(`python bench/bad_inputs.py`).\n")
     sys.exit(0 if clear == len(rows) else 1)

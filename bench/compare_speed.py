@@ -2,7 +2,8 @@
 
 Generates evaluation runs as the bundle's evaluate config logs them (params, test AUROC metrics, a predictions
 artifact), then times ``compare.run_compare`` (search, table, CSV, plots, summary run) against a baseline measured
-in the same process: one plain ``MlflowClient.search_runs`` page walk over the same runs.
+in the same process: one plain ``MlflowClient.search_runs`` page walk over the same runs. Writes
+``bench/results/compare_speed.json``.
 
     python bench/compare_speed.py --runs 500
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from _results import write_results  # a sibling module: bench/ is on sys.path when run as bench/<script>.py
 from mlflow.entities import Metric, Param
 
 from monai_cxr_ssl.compare import run_compare
@@ -53,7 +55,8 @@ def main() -> None:
         experiment = client.create_experiment("bench", artifact_location=(folder / "artifacts").as_uri())
         start = time.perf_counter()
         generate(client, experiment, args.runs, folder)
-        print(f"generated {args.runs} evaluation runs in {time.perf_counter() - start:.1f} s", flush=True)
+        generated = time.perf_counter() - start
+        print(f"generated {args.runs} evaluation runs in {generated:.1f} s", flush=True)
 
         start = time.perf_counter()
         count, token = 0, None
@@ -72,6 +75,10 @@ def main() -> None:
     print(f"plain search_runs over {count} runs: {baseline:.2f} s")
     print(f"compare ({result['num_runs']} evaluations after de-duplication; table, CSV, 2 plots, summary run): "
           f"{seconds:.2f} s ({seconds / baseline:.1f}x the plain search)")
+    write_results(__file__, {"runs": count, "evaluations_after_deduplication": result["num_runs"],
+                             "generate_s": round(generated, 1), "plain_search_runs_s": round(baseline, 2),
+                             "compare_s": round(seconds, 2), "compare_over_search": round(seconds / baseline, 1)},
+                  {"runs": args.runs})
 
 
 if __name__ == "__main__":

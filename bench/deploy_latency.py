@@ -4,7 +4,8 @@ For each file of ``../shared/data/dicom`` (one study each) the whole app (input 
 selection, classifier, JSON and SR writers, publishing) runs in-process ``--repeats`` times after one warm-up;
 the same study's DICOM loading (pydicom read + the bundle's conversion) and model inference (resize, ten crops,
 TorchScript forward) are timed alone, giving their shares of the app's latency. The start-up of a fresh
-``python -m monai_cxr_ssl.deploy`` process (imports, Holoscan) is reported separately.
+``python -m monai_cxr_ssl.deploy`` process (imports, Holoscan) is reported separately. Writes
+``bench/results/deploy_latency.json``.
 
     python bench/deploy_latency.py                      # a random-weight model at 256/224, as the paper
     python bench/deploy_latency.py --model model.ts     # a model from monai-cxr-ssl export
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import pydicom
 import torch
-from filter_speed import median_time  # a sibling script: bench/ is on sys.path when run as bench/<script>.py
+from _results import write_results  # sibling modules: bench/ is on sys.path when run as bench/<script>.py
+from filter_speed import median_time
 from monai.data import save_net_with_metadata
 
 from monai_cxr_ssl.data import dicom_to_image
@@ -78,7 +80,7 @@ def main_bench() -> None:
               f"{torch.get_num_threads()} CPU threads")
         print("| study | app latency (s) | DICOM loading (s, share) | model inference (s, share) | other |")
         print("|---|---|---|---|---|")
-        totals = []
+        totals, rows = [], []
         for k, file in enumerate(files):
             study = tmp / f"study{k}"
             study.mkdir()
@@ -102,6 +104,9 @@ def main_bench() -> None:
                               args.repeats)
             other = latency - loading - inference
             totals.append((latency, loading, inference))
+            rows.append({"study": f"{file.name} ({image.shape[0]}x{image.shape[1]})",
+                         "app_latency_s": round(latency, 3), "dicom_loading_s": round(loading, 3),
+                         "model_inference_s": round(inference, 3), "other_s": round(other, 3)})
             print(f"| {file.name} ({image.shape[0]}x{image.shape[1]}) | {latency:.3f} | {loading:.3f} "
                   f"({loading / latency:.0%}) | {inference:.3f} ({inference / latency:.0%}) | {other:.3f} "
                   f"({other / latency:.0%}) |")
@@ -111,12 +116,17 @@ def main_bench() -> None:
 
         start = time.perf_counter()
         run = subprocess.run([sys.executable, "-m", "monai_cxr_ssl.deploy", "-i", str(tmp / "study0"), "-o",
-                              str(tmp / "out_cli"), "-m", str(model_path)], capture_output=True, text=True)
+                              str(tmp / "out_cli"), "-m", str(model_path), "--accept-unknown-body-part"],
+                             capture_output=True, text=True)
         wall = time.perf_counter() - start
         if run.returncode != 0:
             raise SystemExit(run.stderr[-2000:])
         print(f"\none fresh `python -m monai_cxr_ssl.deploy` process on {files[0].name}: {wall:.1f} s wall "
               f"(start-up: imports of torch, MONAI and Holoscan, graph set-up: about {wall - totals[0][0]:.1f} s)")
+    write_results(__file__, {"rows": rows, "fresh_process_s": round(wall, 1),
+                             "fresh_process_startup_s": round(wall - totals[0][0], 1)},
+                  {"model": source, "repeats": args.repeats, "image_size": info["image_size"],
+                   "crop_size": info["crop_size"], "studies": len(files)})
 
 
 if __name__ == "__main__":

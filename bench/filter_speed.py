@@ -4,7 +4,7 @@ Two sizes: 1,000,000 binary predictions and 100,000 x 14 multi-label predictions
 from a synthetic teacher whose probabilities lean towards the true labels.
 The baseline sorts all probabilities of a class once and takes the quotas from both ends, the straightforward
 implementation. Both filter rules are timed: ranking only (the paper's, the default) and a 0.5 threshold. Prints
-the median of 5 timings and the ratio; asserts nothing.
+the median of 5 timings and the ratio, and writes them to ``bench/results/filter_speed.json``; asserts nothing.
 
     python bench/filter_speed.py
 """
@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from _results import write_results  # a sibling module: bench/ is on sys.path when run as bench/<script>.py
 
 from monai_cxr_ssl.filtering import balanced_filter
 
@@ -67,6 +68,7 @@ def main() -> None:
         "binary 1,000,000 x 1": (teacher_probs((1_000_000,), binary_prevalence), binary_prevalence),
         "multi-label 100,000 x 14": (teacher_probs((100_000, 14), multi_prevalence), multi_prevalence),
     }
+    rows = []
     for (name, (probs, fractions)), threshold in itertools.product(cases.items(), (None, 0.5)):
         ours = balanced_filter(probs, fractions, keep_fraction=0.75, threshold=threshold)
         if not np.array_equal(ours.mask, sort_baseline(probs, fractions, 0.75, threshold)):
@@ -77,6 +79,9 @@ def main() -> None:
             f"{name}, threshold {threshold}: balanced_filter {t_filter * 1e3:8.1f} ms | full argsort baseline "
             f"{t_sort * 1e3:8.1f} ms | baseline / filter = {t_sort / t_filter:.2f}x"
         )
+        rows.append({"predictions": name, "threshold": threshold, "balanced_filter_ms": round(t_filter * 1e3, 1),
+                     "full_argsort_ms": round(t_sort * 1e3, 1), "ratio": round(t_sort / t_filter, 2)})
+    write_results(__file__, {"rows": rows}, {"keep_fraction": 0.75, "repeats": 5, "seed": 0})
 
 
 if __name__ == "__main__":

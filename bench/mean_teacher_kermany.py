@@ -16,6 +16,8 @@ mean teacher 5 epochs with EMA decay 0.99 (the paper's 0.999 averages over ~1,00
 ramp-up 1 epoch, 800 unlabeled images, one seed.
 
     python bench/mean_teacher_kermany.py --output-dir runs/mean_teacher --table1-dir runs/table1
+
+Writes ``bench/results/mean_teacher_kermany.json`` (both tables, the sharpening statistics, the minutes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import write_results  # a sibling module: bench/ is on sys.path when run as bench/<script>.py
 from monai.utils import path_to_sqlite_uri
 
 from monai_cxr_ssl.cli import parse_overrides
@@ -120,7 +123,7 @@ def main() -> None:
         aurocs[fraction] = [results["auroc"][name] for name in MODELS.values()]
         stats.append(f"λ={fraction:g}: " + sharpening_stats(results, tracking_uri))
 
-    imbalance = []
+    imbalance, imbalance_rows = [], []
     if args.prevalence_lambda:
         out = base / f"lambda{args.prevalence_lambda}-prevalence{args.prevalence}-seed{args.seed}"
         overrides = {**common, "labeled_fraction": args.prevalence_lambda, "labeled_prevalence": args.prevalence,
@@ -139,6 +142,9 @@ def main() -> None:
                 f"| {name} | {results['auroc'][name]:.3f} | {point['threshold']:.3f} | {point['sensitivity']:.3f} | "
                 f"{point['specificity']:.3f} |"
             )
+            imbalance_rows.append({"model": name, "test_auroc": round(results["auroc"][name], 3),
+                                   **{k: round(float(point[k]), 3) for k in ("threshold", "sensitivity",
+                                                                               "specificity")}})
 
     ts = teacher_student(Path(args.table1_dir).resolve() if args.table1_dir else None)
     rows = [f"| {fraction:.0%} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in [*cells, ts.get(fraction)])
@@ -156,6 +162,13 @@ def main() -> None:
         print("\n".join(imbalance[1:]))
     print()
     print("\n".join(stats))
+    table = [{"labeled": f"{fraction:.0%}",
+              **{name: round(v, 3) for name, v in zip(MODELS.values(), cells, strict=True)},
+              "teacher-student (Table I student)": ts.get(fraction)} for fraction, cells in aurocs.items()]
+    write_results(__file__, {"rows": table, "imbalance": imbalance_rows, "imbalance_split": imbalance[:1],
+                             "sharpening": stats, "minutes": round(minutes, 1)},
+                  {**common, "lambdas": args.lambdas, "prevalence": args.prevalence,
+                   "prevalence_lambda": args.prevalence_lambda})
 
 
 if __name__ == "__main__":

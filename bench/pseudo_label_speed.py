@@ -8,7 +8,7 @@
    images through the same evaluator and handlers. Images are generated on the fly and the network is a small
    CNN so that 50,000 images take a minute on CPU; what is measured is whether anything accumulates per image.
 
-Prints figures and ratios; asserts nothing.
+Prints figures and ratios and writes them to ``bench/results/pseudo_label_speed.json``; asserts nothing.
 
     python bench/pseudo_label_speed.py
 """
@@ -30,6 +30,7 @@ from monai_cxr_ssl.handlers import BalancedFilter, PseudoLabelWriter
 from monai_cxr_ssl.transforms import ten_crop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results  # noqa: E402
 from throughput import bundle_parser, timed_pair  # noqa: E402
 
 
@@ -52,10 +53,12 @@ def pseudo_label_evaluator(args: argparse.Namespace, n: int, out_dir: Path, netw
     loader = DataLoader(GeneratedImages(n, args.image_size), batch_size=args.batch_size, num_workers=0)
     split = {
         "fingerprint": "bench",
+        "split_fingerprint": "bench",
         "unlabeled": [{"image": "", "id": f"img{i:06d}", "label": [i % 2.0]} for i in range(n)],
         "labeled": [{"label": [1.0]}, {"label": [0.0]}],
     }
-    writer = PseudoLabelWriter(out_dir / "pseudo_labels.jsonl", ["positive"], "bench", __file__, include_labels=True)
+    writer = PseudoLabelWriter(out_dir / "pseudo_labels.jsonl", ["positive"], "bench", __file__,
+                               split_fingerprint="bench", include_labels=True)
     balanced = BalancedFilter(writer.output_file, split, out_dir / "filtered.json")
     parser["validate#dataloader"] = loader
     parser["validate#handlers"] = [writer, balanced]
@@ -64,7 +67,7 @@ def pseudo_label_evaluator(args: argparse.Namespace, n: int, out_dir: Path, netw
     return parser.get_parsed_content("validate#evaluator"), parser.get_parsed_content("network"), loader
 
 
-def bench_throughput(args: argparse.Namespace) -> None:
+def bench_throughput(args: argparse.Namespace) -> dict:
     n = args.batch_size * args.iterations
     with tempfile.TemporaryDirectory() as tmp:
         evaluator, network, loader = pseudo_label_evaluator(args, n, Path(tmp))
@@ -79,6 +82,8 @@ def bench_throughput(args: argparse.Namespace) -> None:
         plain_s, engine_s = timed_pair(plain, evaluator.run, args.repeats)
     print(f"throughput  plain forward          : {n / plain_s:8.1f} images/s (10 crops each, cut beforehand)")
     print(f"throughput  pseudo-label evaluator : {n / engine_s:8.1f} images/s   ratio = {plain_s / engine_s:.3f}")
+    return {"plain_images_per_s": round(n / plain_s, 1), "evaluator_images_per_s": round(n / engine_s, 1),
+            "evaluator_over_plain": round(plain_s / engine_s, 3)}
 
 
 def tiny_network() -> torch.nn.Module:
@@ -102,9 +107,10 @@ def memory_child(args: argparse.Namespace) -> None:
     print(f"{n} {before} {after} {seconds:.1f} {size}")
 
 
-def bench_memory(args: argparse.Namespace) -> None:
+def bench_memory(args: argparse.Namespace) -> list[dict]:
     base = [sys.executable, __file__, "--image-size", str(args.image_size), "--crop-size", str(args.crop_size),
             "--batch-size", str(args.batch_size)]
+    rows = []
     for n in args.memory_sizes:
         out = subprocess.run([*base, "--memory-child", str(n)], capture_output=True, text=True, check=True)
         count, before, after, seconds, size = out.stdout.split()[-5:]
@@ -113,6 +119,11 @@ def bench_memory(args: argparse.Namespace) -> None:
             f"{int(before) / 1024:7.1f} MiB, growth {(int(after) - int(before)) / 1024:6.1f} MiB), "
             f"{float(seconds):6.1f} s, file {int(size) / 2**20:.1f} MiB"
         )
+        rows.append({"images": int(count), "peak_rss_mib": round(int(after) / 1024, 1),
+                     "rss_before_pass_mib": round(int(before) / 1024, 1),
+                     "growth_mib": round((int(after) - int(before)) / 1024, 1), "seconds": float(seconds),
+                     "file_mib": round(int(size) / 2**20, 1)})
+    return rows
 
 
 def main() -> None:
@@ -130,8 +141,10 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image {args.image_size}, "
           f"crop {args.crop_size}, batch {args.batch_size}")
-    bench_throughput(args)
-    bench_memory(args)
+    figures = bench_throughput(args)
+    figures["rows"] = bench_memory(args)
+    settings = {k: v for k, v in vars(args).items() if k != "memory_child"}
+    write_results(__file__, figures, settings)
 
 
 if __name__ == "__main__":

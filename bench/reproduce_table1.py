@@ -10,6 +10,8 @@ Reduced from the paper to fit 2 CPU cores, all overridable: 64x64 images with 56
 random initialisation (ImageNet), one seed.
 
     python bench/reproduce_table1.py --output-dir runs/table1
+
+Writes ``bench/results/reproduce_table1.json`` (the table, the claims, the pseudo-label quality, the minutes).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from _results import write_results  # a sibling module: bench/ is on sys.path when run as bench/<script>.py
 from monai.utils import path_to_sqlite_uri
 
 from monai_cxr_ssl.cli import parse_overrides
@@ -106,8 +109,15 @@ def main() -> None:
     rows = table1(results)
     print(f"\nmonai-cxr-ssl on Kermany pneumonia ({minutes:.1f} min):\n{format_table1(rows)}")
     print(f"paper (ChestX-ray14 Effusion, 256/224, 25+10+15 epochs, ImageNet init):\n{PAPER}")
-    for line in claims(rows) + pseudo_label_quality(results, tracking_uri):
+    checked, quality = claims(rows), pseudo_label_quality(results, tracking_uri)
+    for line in checked + quality:
         print(line)
+    table = [{"labeled": f"{row['labeled_fraction']:.0%}", "seeds": len(row["seeds"]),
+              **{col: None if value is None else round(value[0], 3)
+                 for col, value in row.items() if col not in ("labeled_fraction", "seeds")}} for row in rows]
+    write_results(__file__, {"rows": table, "minutes": round(minutes, 1), "claims": checked,
+                             "pseudo_label_quality": quality}, {**overrides, "lambdas": args.lambdas,
+                                                                "seeds": args.seeds})
 
 
 if __name__ == "__main__":
