@@ -2,7 +2,8 @@
 
 Between ``<!-- report: <script> -->`` and ``<!-- /report -->`` the doc holds what this script renders from
 ``bench/results/<script>.json`` (``bench/_results.py`` writes it): the command, date and machine, then the figures
-(scalars in one table, each ``rows``-like list of dicts in a table of its own, lists of lines as a list). A script
+(scalars, and the scalars of dicts such as ``{"training": {"engine_over_plain": 0.97}}``, in one table; each
+``rows``-like list of dicts in a table of its own; lists of lines as a list). A script
 without a result file gets the line that says so and the command that makes one. Nothing else in the doc is
 touched; ``tests/test_docs.py`` checks that the committed doc is what this renders, so a hand edit fails.
 
@@ -48,7 +49,9 @@ def render_record(record: dict) -> str:
         where += f", torch {m['torch']}, device {m['device']}"
     lines = [f"`{record['command']}`, {record['date']}, {where}:", ""]
     figures = record["figures"]
-    scalars = [{"figure": k, "value": v} for k, v in figures.items() if not isinstance(v, list)]
+    scalars = [{"figure": f"{k} {sub}" if sub else k, "value": v}
+               for k, group in figures.items() if not isinstance(group, list)
+               for sub, v in (group.items() if isinstance(group, dict) else [("", group)])]
     if scalars:
         lines += [*_table(scalars), ""]
     for key, value in figures.items():

@@ -100,7 +100,8 @@ def test_benchmarks_doc_is_what_report_renders():
 
 def test_report_renders_a_result_file_and_catches_a_hand_edit(tmp_path: Path):
     results, report = _bench_module("_results"), _bench_module("report")
-    path = results.write_results("bench/toy.py", {"ratio": 0.97, "rows": [{"case": "a|b", "ms": 1.5}]},
+    figures = {"ratio": 0.97, "training": {"engine_over_plain": 1.01}, "rows": [{"case": "a|b", "ms": 1.5}]}
+    path = results.write_results("bench/toy.py", figures,
                                  {"repeats": 3}, results_dir=tmp_path)
     record = json.loads(path.read_text())
     assert path.name == "toy.json" and record["settings"] == {"repeats": 3}
@@ -109,5 +110,6 @@ def test_report_renders_a_result_file_and_catches_a_hand_edit(tmp_path: Path):
     rendered = report.render(doc, tmp_path)
     assert rendered != doc and "0.99" not in rendered
     assert "| ratio | 0.97 |" in rendered and "| a\\|b | 1.5 |" in rendered
+    assert "| training engine_over_plain | 1.01 |" in rendered
     assert "No result file is committed yet: `python bench/absent.py`" in rendered
     assert report.render(rendered, tmp_path) == rendered
