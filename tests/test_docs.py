@@ -113,3 +113,8 @@ def test_report_renders_a_result_file_and_catches_a_hand_edit(tmp_path: Path):
     assert "| training engine_over_plain | 1.01 |" in rendered
     assert "No result file is committed yet: `python bench/absent.py`" in rendered
     assert report.render(rendered, tmp_path) == rendered
+
+
+def test_readme_stays_short():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines: move details into docs/ (it should stay <= 200)"
