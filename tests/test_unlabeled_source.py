@@ -54,6 +54,26 @@ def _dicom(path: Path, pixels: np.ndarray, header: bool = True) -> Path:
     return path
 
 
+def _random_teacher(output_dir: Path) -> None:
+    """A teacher checkpoint where the teacher stage leaves it; the stages after it do not care how it was trained
+    (with ``labeled_fraction: 1`` it is trained on every labeled image, as without ``unlabeled_source``)."""
+    import torch
+
+    from monai_cxr_ssl.networks import CXRDenseNet121
+
+    (output_dir / "teacher" / "models").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(CXRDenseNet121(num_classes=1).state_dict(), output_dir / "teacher" / "models" / "model.pt")
+
+
+def _settings(tmp_path: Path, data: str, pacs: Path) -> dict:
+    return {
+        "dataset_dir": data, "output_dir": str(tmp_path / "out"), "tracking_uri": f"sqlite:///{tmp_path}/ml.db",
+        "image_size": 40, "crop_size": 32, "batch_size": 4, "labeled_fraction": 1, "num_workers": 0,
+        "num_epochs": 1, "cache_rate": 0.0, "unlabeled_source": str(pacs),
+    }
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -239,14 +259,14 @@ def test_settings_rules_and_unknown_keys():
 
 @pytest.mark.slow
 def test_labeled_fraction_one_pseudo_labels_exactly_the_unlabeled_source(tmp_path):
-    """Teacher on every labeled image, then the pseudo-label stage (with ``report_true_labels`` on, the default)
-    and the filter on label-less images; the student's datalist comes from them."""
+    """The pseudo-label stage (with ``report_true_labels`` on, the default) and the filter on label-less images
+    with ``labeled_fraction: 1``; the student's datalist comes from them."""
     from monai_cxr_ssl.data import unlabeled_datalist
     from monai_cxr_ssl.pseudo_labels import load_filtered_datalist, read_pseudo_labels
     from monai_cxr_ssl.workflow import run_bundle
 
     data = make_synthetic_dataset(tmp_path / "data", n_train=20, n_test=6, image_size=48, prevalence=0.4, seed=2)
-    extra = Path(make_synthetic_dataset(tmp_path / "other", n_train=8, n_test=0, image_size=48, seed=3))
+    extra = Path(make_synthetic_dataset(tmp_path / "other", n_train=8, n_test=4, image_size=48, seed=3))
     pacs = tmp_path / "pacs"
     for i, path in enumerate(sorted((extra / "train").rglob("*.png"))):  # half of them as DICOM without suffix
         target = pacs / f"patient{i % 2}" / f"img{i}.png"
@@ -255,18 +275,13 @@ def test_labeled_fraction_one_pseudo_labels_exactly_the_unlabeled_source(tmp_pat
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
-    settings = {
-        "dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "tracking_uri": f"sqlite:///{tmp_path}/ml.db",
-        "image_size": 40, "crop_size": 32, "batch_size": 4, "labeled_fraction": 1, "num_workers": 0,
-        "num_epochs": 1, "cache_rate": 0.0, "unlabeled_source": str(pacs),
-    }
-    run_bundle(["train", "demo"], **settings)
+    settings = _settings(tmp_path, data, pacs)
+    _random_teacher(tmp_path / "out")
+    run_bundle(["pseudo_label", "demo"], **settings, keep_fraction=0.5)
     split = json.loads((tmp_path / "out" / "split.json").read_text())
     ids = sorted(ID_PREFIX + p.relative_to(pacs).as_posix() for p in pacs.rglob("*") if p.is_file())
     assert [it["id"] for it in split["unlabeled"]] == ids and len(ids) == 8
     assert len(split["labeled"]) == split["counts"]["labeled"] == 20 - len(split["validation"])  # λ = 1
-
-    run_bundle(["pseudo_label", "demo"], **settings, keep_fraction=0.5)
     out = tmp_path / "out" / "pseudo_label"
     header, got, probs, labels = read_pseudo_labels(out / "pseudo_labels.jsonl", split["fingerprint"],
                                                     expected_split_fingerprint=split["split_fingerprint"])
@@ -282,6 +297,8 @@ def test_labeled_fraction_one_pseudo_labels_exactly_the_unlabeled_source(tmp_pat
 def test_real_dicoms_and_kermany_jpegs_as_unlabeled_source(shared_data, tmp_path):
     """Real DICOMs (one renamed without suffix, as PACS exports name them) and Kermany JPEGs, one of them twice, as
     the unlabeled images of a synthetic labeled set; the mean-teacher stage trains on them."""
+    import torch
+
     from monai_cxr_ssl.data import unlabeled_datalist
     from monai_cxr_ssl.workflow import run_bundle
 
@@ -295,19 +312,14 @@ def test_real_dicoms_and_kermany_jpegs_as_unlabeled_source(shared_data, tmp_path
         (pacs / "jpeg" / path.name).symlink_to(path)
     (pacs / "jpeg" / "again.jpeg").symlink_to(kermany[0])
     data = make_synthetic_dataset(tmp_path / "data", n_train=20, n_test=6, image_size=48, prevalence=0.4, seed=2)
-    settings = {
-        "dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "tracking_uri": f"sqlite:///{tmp_path}/ml.db",
-        "image_size": 40, "crop_size": 32, "batch_size": 4, "labeled_fraction": 1, "num_workers": 0,
-        "num_epochs": 1, "cache_rate": 0.0, "unlabeled_source": str(pacs),
-    }
-    run_bundle(["train", "demo"], **settings)
+    settings = _settings(tmp_path, data, pacs)
+    _random_teacher(tmp_path / "out")
+    run_bundle(["mean_teacher", "demo"], **settings, mean_teacher_epochs=1)
     split = json.loads((tmp_path / "out" / "split.json").read_text())
     record = split["unlabeled_source"]
     assert record["counts"] == {"found": 9, "added": 8, "duplicates": 1, "skipped": 0, "ignored": 0}
     assert record["duplicates"] == {ID_PREFIX + "jpeg/again.jpeg": ID_PREFIX + f"jpeg/{kermany[0].name}"}
     assert ID_PREFIX + "dicom/series/1.2.840.0001" in {it["id"] for it in split["unlabeled"]}
     assert len(unlabeled_datalist(split)) == split["counts"]["unlabeled"] == 8
-
-    run_bundle(["mean_teacher", "demo"], **settings)
-    last = tmp_path / "out" / "mean_teacher" / "models" / "last.pt"
-    assert last.is_file()
+    last = torch.load(tmp_path / "out" / "mean_teacher" / "models" / "last.pt", weights_only=False)
+    assert last["trainer"]["iteration"] == last["trainer"]["epoch_length"] > 0 and "teacher_network" in last
