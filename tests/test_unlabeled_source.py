@@ -165,6 +165,9 @@ def test_a_changed_folder_is_refused_and_a_moved_one_followed(dataset, tmp_path)
     prepare_split(source, plain_file, 1.0)
     with pytest.raises(ValueError, match="made without unlabeled_source, now unlabeled_source="):
         prepare_split(source, plain_file, 1.0, unlabeled_source=pacs)
+    _png(dataset / "train" / "NORMAL" / "extra.png", 108)  # the labeled dataset changed, the folder did not
+    with pytest.raises(ValueError, match="made from different data; the data or settings changed"):
+        prepare_split(source, split_file, 1.0, unlabeled_source=pacs)
 
 
 def test_corrupt_file_follows_bad_images(dataset, tmp_path, caplog):
@@ -310,10 +313,10 @@ def test_real_dicoms_and_kermany_jpegs_as_unlabeled_source(shared_data, tmp_path
     for path in kermany:
         (pacs / "jpeg" / path.name).symlink_to(path)
     (pacs / "jpeg" / "again.jpeg").symlink_to(kermany[0])
-    data = make_synthetic_dataset(tmp_path / "data", n_train=20, n_test=6, image_size=48, prevalence=0.4, seed=2)
+    data = make_synthetic_dataset(tmp_path / "data", n_train=12, n_test=6, image_size=48, prevalence=0.4, seed=2)
     settings = _settings(tmp_path, data, pacs)
     _random_teacher(tmp_path / "out")
-    run_bundle(["mean_teacher", "demo"], **settings, mean_teacher_epochs=1)
+    run_bundle(["mean_teacher", "demo"], **settings, mean_teacher_epochs=1, val_fraction=0.25)  # 3 iterations
     split = json.loads((tmp_path / "out" / "split.json").read_text())
     record = split["unlabeled_source"]
     assert record["counts"] == {"found": 9, "added": 8, "duplicates": 1, "skipped": 0, "ignored": 0}
