@@ -19,6 +19,7 @@ from monai_cxr_ssl.data.readers import (
     is_dicom,
     read_cxr,
     read_dicom_dataset,
+    scan_images,
 )
 from monai_cxr_ssl.data.sampling import samples_per_epoch
 from monai_cxr_ssl.data.splits import (
@@ -32,6 +33,7 @@ from monai_cxr_ssl.data.splits import (
     subsample,
 )
 from monai_cxr_ssl.data.synthetic import make_synthetic_dataset
+from monai_cxr_ssl.data.unlabeled import UnlabeledImages, drop_duplicates, load_unlabeled_source
 from monai_cxr_ssl.data.weak_labels import load_weak_labels, unlabeled_datalist
 
 __all__ = [
@@ -44,14 +46,17 @@ __all__ = [
     "LoadCXRImage",
     "LoadCXRImaged",
     "SourceData",
+    "UnlabeledImages",
     "check_image",
     "check_num_classes",
     "dicom_to_image",
+    "drop_duplicates",
     "find_images",
     "fingerprint",
     "inference_datalist",
     "is_dicom",
     "load_split",
+    "load_unlabeled_source",
     "load_weak_labels",
     "make_split",
     "make_synthetic_dataset",
@@ -59,6 +64,7 @@ __all__ = [
     "read_cxr",
     "read_dicom_dataset",
     "samples_per_epoch",
+    "scan_images",
     "select_classes",
     "split_fingerprint",
     "subsample",

@@ -33,6 +33,7 @@ __all__ = [
     "check_image",
     "is_dicom",
     "inference_datalist",
+    "scan_images",
     "LoadCXRImage",
     "LoadCXRImaged",
 ]
@@ -313,25 +314,39 @@ def check_image(path: str | os.PathLike) -> None:
     _read(path, check=True)
 
 
-def inference_datalist(folder: str | os.PathLike) -> list[dict]:
-    """``{"image", "id"}`` items of every image under ``folder`` (recursively) for inference: files with an image
-    suffix (``find_images``) and DICOM files by content whatever their name (no suffix, no Part-10 header). Every
-    other file is skipped and named in one warning, with the reason.
+def scan_images(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """Every image file under ``folder`` (recursively, sorted) and the other files, each named with why it is not one.
+
+    Images are the files with an image suffix (``find_images``) and DICOM files by content whatever their name (no
+    suffix, no Part-10 header). Hidden files and folders, ``DICOMDIR`` (a media index, not an image) and every
+    other file are left out. The caller checks that ``folder`` is a folder.
     """
     from monai_cxr_ssl.data.datasets import IMAGE_SUFFIXES
 
     root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: the inference dataset_dir does not exist; set it to a folder of images.")
-    items, skipped = [], []
+    images, others = [], []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = os.path.relpath(path, root)
         if any(part.startswith(".") for part in Path(rel).parts):
-            skipped.append(f"{rel} (hidden)")
+            others.append(f"{rel} (hidden)")
+        elif path.name.upper() == "DICOMDIR":
+            others.append(f"{rel} (a DICOMDIR media index, not an image)")
         elif path.name.lower().endswith(IMAGE_SUFFIXES) or is_dicom(path):
-            items.append({"image": str(path), "id": rel})
+            images.append(path)
         else:
-            skipped.append(f"{rel} (no image suffix and not DICOM: no preamble, no pixel data)")
+            others.append(f"{rel} (no image suffix and not DICOM: no preamble, no pixel data)")
+    return images, others
+
+
+def inference_datalist(folder: str | os.PathLike) -> list[dict]:
+    """``{"image", "id"}`` items of every image under ``folder`` (recursively) for inference, as ``scan_images``
+    finds them. Every other file is skipped and named in one warning, with the reason.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: the inference dataset_dir does not exist; set it to a folder of images.")
+    images, skipped = scan_images(root)
+    items = [{"image": str(path), "id": os.path.relpath(path, root)} for path in images]
     if skipped:
         logger.warning("inference skips %d file(s) of %s: %s", len(skipped), root, "; ".join(skipped))
     if not items:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from monai_cxr_ssl.data.unlabeled import ID_PREFIX, drop_duplicates, load_unlabeled_source
 from monai_cxr_ssl.utils import read_json, write_json
 
 __all__ = [
@@ -262,24 +263,93 @@ def load_split(path: str | os.PathLike) -> dict:
     return split
 
 
-def _check_images(items: list[dict], bad_images: str) -> list[str]:
-    """Ids of the images that fail ``check_image``; raises for ``bad_images='fail'`` if there are any."""
+def _check_images(items: list[dict], bad_images: str, what: str = "") -> list[str]:
+    """Ids of the images that fail ``check_image``; raises for ``bad_images='fail'`` if there are any.
+
+    ``what`` names the images in messages (``"unlabeled_source "``); the error gives the first one's problem.
+    """
     from monai_cxr_ssl.data.readers import ImageReadError, check_image
 
-    bad = []
-    for it in tqdm(items, desc="checking images", disable=None):
+    bad, problem = [], ""
+    for it in tqdm(items, desc=f"checking {what}images", disable=None):
         try:
             check_image(it["image"])
-        except ImageReadError:
+        except ImageReadError as err:
             bad.append(it)
+            problem = problem or err.problem
     if bad and bad_images == "fail":
         raise ValueError(
-            f"{len(bad)} image(s) cannot be read, e.g. {[it['image'] for it in bad[:5]]}; "
-            "fix or remove them, or set bad_images='skip' to drop them."
+            f"{len(bad)} {what}image(s) cannot be read, e.g. {[it['image'] for it in bad[:5]]} (the first: "
+            f"{problem}); fix or remove them, or set bad_images='skip' to drop them."
         )
     if bad:
-        logger.warning("skipping %d unreadable image(s) (bad_images='skip')", len(bad))
+        logger.warning("skipping %d unreadable %simage(s) (bad_images='skip'), e.g. %s", len(bad), what,
+                       [it["image"] for it in bad[:5]])
     return sorted(it["id"] for it in bad)
+
+
+def _combined(source_fingerprint: str, unlabeled_fingerprint: str) -> str:
+    """The dataset fingerprint of a split with an ``unlabeled_source``: both fingerprints in one."""
+    return hashlib.sha256(f"{source_fingerprint}+{unlabeled_fingerprint}".encode()).hexdigest()
+
+
+def _changed(split: dict, split_file: Path, current: str, source_fingerprint: str, extra, params: dict) -> str:
+    """Why ``split`` (read from ``split_file``) cannot be reused with the fingerprint ``current`` and ``params``:
+    what changed, and what to do."""
+    before = split.get("unlabeled_source")
+    source_kept = split["fingerprint"] == (
+        source_fingerprint if before is None else _combined(source_fingerprint, before["fingerprint"]))
+    if split["fingerprint"] == current:
+        what = f"parameters (was {split['params']}, now {params})"
+    elif not source_kept:
+        what = "data"
+    elif before is None:
+        what = f"data: it was made without unlabeled_source, now unlabeled_source={extra.source!r}"
+    elif extra is None:
+        what = f"data: it was made with unlabeled_source={before['path']!r}, now unlabeled_source is null"
+    else:
+        was = {it["id"] for it in split["unlabeled"] if it["id"].startswith(ID_PREFIX)}
+        was |= set(before["duplicates"]) | set(before["skipped"])
+        now = {it["id"] for it in extra.items}
+        added, removed = sorted(now - was), sorted(was - now)
+        change = (f"{len(added)} image(s) added (e.g. {added[:3]}), {len(removed)} removed (e.g. {removed[:3]})"
+                  if added or removed else "the same file names, but some files changed size (replaced)")
+        what = f"unlabeled images: unlabeled_source={extra.source!r} has {change}"
+    return (f"split file {split_file} was made from different {what}; the data or settings changed since the split "
+            "was made. Delete the file to make a new split, or use another output folder.")
+
+
+def _unlabeled_part(extra, everything: list[dict], bad_images: str) -> tuple[list[dict], dict]:
+    """The ``unlabeled_source`` images that join the unlabeled part (``{"image", "id"}``, no label) and the record
+    of what was found, dropped and why, for the split file."""
+    kept, duplicates = drop_duplicates(extra.items, everything)
+    if duplicates:
+        logger.warning(
+            "unlabeled_source: dropping %d image(s) whose file equals one of the dataset's or an earlier one of the "
+            "unlabeled_source, e.g. %s", len(duplicates), [f"{k} = {v}" for k, v in list(duplicates.items())[:5]],
+        )
+    if extra.ignored:
+        logger.warning("unlabeled_source: ignoring %d file(s) that are not images, e.g. %s", len(extra.ignored),
+                       extra.ignored[:10])
+    skipped = set(_check_images(kept, bad_images, "unlabeled_source "))
+    added = [{"image": it["image"], "id": it["id"]} for it in kept if it["id"] not in skipped]
+    if not added:
+        raise ValueError(
+            f"unlabeled_source={extra.source!r} adds no image: of its {len(extra.items)} image(s), {len(duplicates)} "
+            f"copy the dataset's (or each other) and {len(skipped)} cannot be read; give a folder or CSV of other "
+            "images, or set unlabeled_source to null."
+        )
+    record = {
+        "path": extra.source,
+        "fingerprint": extra.fingerprint,
+        "counts": {"found": len(extra.items), "added": len(added), "duplicates": len(duplicates),
+                   "skipped": len(skipped), "ignored": len(extra.ignored)},
+        "duplicates": duplicates,
+        "skipped": sorted(skipped),
+        "ignored_examples": extra.ignored[:20],
+    }
+    logger.info("unlabeled_source %s: %s", extra.source, ", ".join(f"{k}={v}" for k, v in record["counts"].items()))
+    return added, record
 
 
 def _patient_overlap(data, allow: bool) -> dict[str, int]:
@@ -340,6 +410,8 @@ def prepare_split(
     allow_patient_overlap: bool = False,
     classes: Sequence[str] | None = None,
     min_positives: int = 1,
+    unlabeled_source: str | os.PathLike | None = None,
+    unlabeled_source_column: str = "image",
 ) -> dict:
     """Load ``source``, then return the split stored in ``split_file``, making and writing it on first use.
 
@@ -358,6 +430,12 @@ def prepare_split(
         classes: the source's classes to use, in this order (e.g. some ChestX-ray14 pathologies); None: all.
         min_positives: classes with fewer labeled positives are left out of training and reporting (logged, and
             listed in the split's ``left_out_classes``); see ``make_split``.
+        unlabeled_source: a folder (searched recursively) or a ``.csv`` list of images without labels, added to the
+            unlabeled part (see ``monai_cxr_ssl.data.unlabeled``). Files equal to a dataset image or to an earlier
+            one are dropped, unreadable ones follow ``bad_images``; the split's ``unlabeled_source`` records the
+            counts and the dropped ids. With it, no unlabeled item keeps a label (every batch of that part then
+            collates alike); ``positives["unlabeled"]`` still counts those of the source's own unlabeled images.
+        unlabeled_source_column: the CSV column with the image paths (relative to the CSV's folder or absolute).
 
     Returns:
         The split: ``labeled``, ``unlabeled``, ``validation`` and ``test`` datalists plus ``classes`` (the kept
@@ -380,18 +458,18 @@ def prepare_split(
         params["classes"] = list(classes)
     if min_positives != 1:
         params["min_positives"] = min_positives
-    current = fingerprint(everything)
+    source_fingerprint = current = fingerprint(everything)
+    extra = None
+    if unlabeled_source is not None:
+        extra = load_unlabeled_source(unlabeled_source, unlabeled_source_column)
+        current = _combined(source_fingerprint, extra.fingerprint)
     split_file = Path(split_file)
     if split_file.exists():
         split = load_split(split_file)
         if split["fingerprint"] != current or split["params"] != params:
-            what = "data" if split["fingerprint"] != current else f"parameters (was {split['params']}, now {params})"
-            raise ValueError(
-                f"split file {split_file} was made from different {what}; the data or settings changed since the "
-                "split was made. Delete the file to make a new split, or use another output folder."
-            )
+            raise ValueError(_changed(split, split_file, current, source_fingerprint, extra, params))
         # Same ids and labels, but the dataset folder may have moved: take image paths from the source.
-        paths = {it["id"]: it["image"] for it in everything}
+        paths = {it["id"]: it["image"] for it in everything + (extra.items if extra else [])}
         for part in PARTS:
             for it in split[part]:
                 it["image"] = paths[it["id"]]
@@ -422,6 +500,11 @@ def prepare_split(
     # Patient ids only serve the grouping above; they are not written out.
     parts = {k: [{key: val for key, val in it.items() if key != "patient_id"} for it in made[k]] for k in PARTS}
     n = len(made["classes"])
+    positives = {k: _positives(v, n) for k, v in parts.items()}
+    if extra is not None:
+        added, record = _unlabeled_part(extra, everything, bad_images)
+        unlabeled = [{key: val for key, val in it.items() if key != "label"} for it in parts["unlabeled"]]
+        parts["unlabeled"] = sorted(unlabeled + added, key=lambda it: it["id"])
     split = {
         "version": SPLIT_VERSION,
         "fingerprint": current,
@@ -429,10 +512,11 @@ def prepare_split(
         "classes": made["classes"],
         "left_out_classes": made["left_out_classes"],
         "counts": {k: len(v) for k, v in parts.items()},
-        "positives": {k: _positives(v, n) for k, v in parts.items()},
+        "positives": positives,
         **parts,
         "skipped": sorted(skipped),
         **({"patient_overlap": overlaps} if overlaps else {}),
+        **({"unlabeled_source": record} if extra is not None else {}),
     }
     split["split_fingerprint"] = split_fingerprint(split)
     write_json(split_file, split)

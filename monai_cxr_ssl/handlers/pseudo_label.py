@@ -45,7 +45,8 @@ class PseudoLabelWriter:
         split_fingerprint: the split's own fingerprint (``split["split_fingerprint"]``: the ids of each part), so
             that the filter and the student refuse pseudo-labels made for another split.
         include_labels: also store the true labels, for benchmarks where those of the unlabeled images are known,
-            and report the accuracy at 0.5 and the AUROC of the pseudo-labels.
+            and report the accuracy at 0.5 and the AUROC of the pseudo-labels. Images without a label (an
+            ``unlabeled_source``) have none to store: the file then holds no labels and nothing is reported.
         output_transform: maps ``engine.state.output`` to ``(probabilities, labels)``; the default suits MONAI
             evaluators whose post-processing applies the sigmoid.
         id_transform: maps ``engine.state.batch`` to the batch's image ids; the default takes each item's ``"id"``.
@@ -76,6 +77,7 @@ class PseudoLabelWriter:
         self.bin_edges = np.linspace(0.0, 1.0, NUM_BINS + 1)
         self.summary: dict | None = None
         self._writer: PseudoLabelFileWriter | None = None
+        self._with_labels = False  # whether the batches came with true labels
         self._histogram = np.zeros((len(self.class_names), NUM_BINS), dtype=np.int64)
         self._prob_sum = np.zeros(len(self.class_names))
         self._predicted_positive = np.zeros(len(self.class_names), dtype=np.int64)
@@ -101,12 +103,17 @@ class PseudoLabelWriter:
         self._histogram[:] = 0
         self._prob_sum[:] = 0
         self._predicted_positive[:] = 0
+        self._with_labels = False
         self.summary = None
 
     def _write(self, engine: Engine) -> None:
         probs, labels = self.output_transform(engine.state.output)
         probs = np.stack([convert_to_numpy(p, dtype=np.float32) for p in probs]).reshape(len(probs), -1)
-        labels = np.stack([convert_to_numpy(y, dtype=np.float32) for y in labels]) if self.include_labels else None
+        if self.include_labels and labels is not None and not any(y is None for y in labels):
+            labels = np.stack([convert_to_numpy(y, dtype=np.float32) for y in labels])
+        else:
+            labels = None
+        self._with_labels = labels is not None
         self._writer.write(self.id_transform(engine.state.batch), probs, labels)
         for k in range(len(self.class_names)):
             self._histogram[k] += np.histogram(probs[:, k], bins=self.bin_edges)[0]
@@ -128,7 +135,9 @@ class PseudoLabelWriter:
             "predicted_positive": {name: int(self._predicted_positive[k]) for k, name in enumerate(self.class_names)},
         }
         engine.state.metrics["pseudo_label_count"] = count
-        if self.include_labels and count:
+        if self.include_labels and count and not self._with_labels:
+            logger.info("pseudo-labels: the images have no true labels, so their accuracy is not reported")
+        if self._with_labels and count:
             # AUROC needs every value: read them back from the file just written rather than keep them in memory
             _, _, probs, labels = read_pseudo_labels(self.output_file)
             accuracy = ((probs >= 0.5) == (labels >= 0.5)).mean(axis=0)
