@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -88,7 +89,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs of each command (default: 5)")
     args = parser.parse_args()
 
-    result: dict = {"python": platform.python_version(), "repeats": args.repeats}
+    result: dict = {"python": platform.python_version(), "cpus": os.cpu_count(), "repeats": args.repeats,
+                    "load_average_1min": os.getloadavg()[0]}  # other work on the machine slows every figure
     for name, cmd_args in (("help", ["--help"]), ("compare_help", ["compare", "--help"])):
         times = wall_times([*CLI, *cmd_args], args.repeats)
         result[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
