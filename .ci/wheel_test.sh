@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The installable package: build the wheel from this checkout, install it in a fresh virtual environment outside
-# the checkout, and run the demo (tiny), `bundle-path` and a plain `python -m monai.bundle run` of the installed
-# bundle from an empty folder. Usable locally: bash .ci/wheel_test.sh (PYTHON=python3.11 to choose the Python).
+# the checkout, and run `bundle-path`, the demo (tiny), `compare`, `export` and a plain `python -m monai.bundle run`
+# of the installed bundle from an empty folder. Usable locally: bash .ci/wheel_test.sh (PYTHON=... picks the Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -45,8 +45,8 @@ if missing or outside or unwanted:
 print(f"wheel-test: {len(names)} files in the wheel, bundle and overlays included, no tests/data/outputs")
 PY
 
-"$venv_bin/pip" install -q "$TORCH_PIN"
-"$venv_bin/pip" install -q "$wheel"
+"$venv_bin/pip" install -q --no-compile "$TORCH_PIN"  # no .pyc of every file: the commands compile what they import
+"$venv_bin/pip" install -q --no-compile "$wheel"
 say "installed torch and the wheel with its dependencies"
 
 # Run from an empty folder outside the checkout, with nothing of the checkout on the path.
@@ -64,6 +64,12 @@ echo "wheel-test: bundle-path $bundle"
 grep -A3 "SYNTHETIC data demo" demo.log
 test -f demo/pipeline/results.json
 say "demo"
+"$cli" compare demo_synthetic --tracking-uri "sqlite:///$PWD/demo/mlflow.db" --output-dir compare --no-summary \
+    > compare.log 2>&1 || { tail -40 compare.log; exit 1; }
+test -f compare/comparison.csv
+"$cli" export demo/pipeline -o model.ts --ood-images 0 > export.log 2>&1 || { tail -40 export.log; exit 1; }
+grep "exported stage" export.log
+say "compare and export"
 
 # A plain MONAI bundle run of the installed bundle: train one epoch on the demo's data, outputs in this folder.
 "$venv_bin/python" -m monai.bundle run --bundle_root "$bundle" \
