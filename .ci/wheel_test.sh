@@ -56,7 +56,10 @@ export PYTHONPATH=
 cli="$venv_bin/monai-cxr-ssl"
 bundle=$("$cli" bundle-path)
 overlays=$("$cli" bundle-path --overlays)
-case "$bundle" in "$work/venv/"*) ;; *) echo "wheel-test: bundle-path $bundle is not the installed package's"; exit 1;; esac
+case "$bundle" in
+    "$work/venv/"*) ;;
+    *) echo "wheel-test: bundle-path $bundle is not the installed package's"; exit 1;;
+esac
 test -f "$bundle/configs/train.json" && test -f "$overlays/demo.json"
 echo "wheel-test: bundle-path $bundle"
 
@@ -77,7 +80,9 @@ say "compare and export"
     --meta_file "$bundle/configs/metadata.json" --logging_file "$bundle/configs/logging.conf" \
     --dataset_dir demo/data --num_epochs 1 --image_size 40 --crop_size 32 > bundle.log 2>&1 \
     || { tail -40 bundle.log; exit 1; }
-test -f eval/teacher/models/model.pt || { echo "wheel-test: no eval/teacher/models/model.pt"; tail -20 bundle.log; exit 1; }
+if [ ! -f eval/teacher/models/model.pt ]; then
+    echo "wheel-test: no eval/teacher/models/model.pt"; tail -20 bundle.log; exit 1
+fi
 if find "$work/venv" -path '*monai_cxr_ssl/bundles/*' \( -name eval -o -name models -o -name '*.db' \) | grep -q .; then
     echo "wheel-test: a run wrote into the installed package"; exit 1
 fi
