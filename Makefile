@@ -1,17 +1,17 @@
-# Two entry points, both from a clean clone: `make demo` and `make test`.
+# Two entry points, both from a clean clone: `make demo` and `make test`. `make wheel-test` checks the built wheel.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned here, not in setup.cfg: 2.13.0 is the CPU wheel this machine kind serves locally.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test wheel-test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+$(VENV)/.installed: $(BIN)/python setup.cfg setup.py pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_PIN)"
 	$(BIN)/pip install -q -e .
 	touch $@
@@ -27,6 +27,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q tests
 
+# The wheel in a fresh virtual environment outside the checkout: demo, bundle-path, python -m monai.bundle run.
+wheel-test:
+	PYTHON=$(PYTHON) TORCH_PIN="$(TORCH_PIN)" bash .ci/wheel_test.sh
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
@@ -34,4 +38,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/throughput.py
 
 clean:
-	rm -rf .demo outputs build *.egg-info
+	rm -rf .demo outputs build dist *.egg-info

@@ -1,26 +1,15 @@
 """Semi-supervised chest X-ray classification for MONAI."""
 
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
 __version__ = "0.1.0"
 
-# Bundle configs refer to these as ``monai_cxr_ssl.<module>.<name>`` in expressions.
-from monai_cxr_ssl import (  # noqa: E402
-    checkpoints,
-    data,
-    engines,
-    evaluation,
-    filtering,
-    handlers,
-    inferers,
-    losses,
-    networks,
-    pseudo_labels,
-    settings,
-    sharpening,
-    tracking,
-    transforms,
-    utils,
-)
-
+# Bundle configs refer to ``monai_cxr_ssl.<module>.<name>`` in expressions after ``$import monai_cxr_ssl``. The
+# submodules are imported on first use (module ``__getattr__``, PEP 562), not here: importing torch and MONAI takes
+# seconds that ``monai-cxr-ssl --help`` and ``compare`` do not need.
 __all__ = [
     "checkpoints",
     "data",
@@ -38,3 +27,19 @@ __all__ = [
     "transforms",
     "utils",
 ]
+
+
+def __getattr__(name: str) -> ModuleType:
+    """Import the submodule ``monai_cxr_ssl.<name>`` when it is first looked up as an attribute."""
+    if name.startswith("__"):  # dunder probes (pickle, inspect, doctest) are not submodules
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise  # the submodule exists but imports something missing
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -11,7 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_cxr_ssl.workflow import DEFAULT_BUNDLE
+from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, OVERLAYS_DIR
+
+# Only light modules are imported up to here: torch, MONAI, MLflow and pandas are imported by the commands that use
+# them, so that --help and `compare` start in well under a second or two (bench/cli_startup.py measures it).
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -120,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir).resolve()
     if args.fresh and workdir.exists():
         shutil.rmtree(workdir)
-    data_dir = make_synthetic_dataset(workdir / "data", seed=args.seed)
+    data_dir = make_synthetic_dataset(workdir / "data", n_train=args.n_train, n_test=args.n_test, seed=args.seed)
     tracking_uri = args.tracking_uri or _sqlite_uri(workdir / "mlflow.db")
     _echo(f"Demo on a SYNTHETIC chest-X-ray-like dataset (generated, not clinical data): {data_dir}")
     overrides = {
@@ -137,6 +140,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _echo(f"  outputs: {workdir / 'pipeline'} (results.json, table1.md, one folder per stage)")
     _echo(f"  MLflow store: {tracking_uri}")
     _echo(f"  browse it with: mlflow ui --backend-store-uri {tracking_uri}")
+
+
+def cmd_bundle_path(args: argparse.Namespace) -> None:
+    print(OVERLAYS_DIR if args.overlays else DEFAULT_BUNDLE)
 
 
 def _echo(line: str) -> None:
@@ -166,9 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=".demo", help="where data, checkpoints, reports and mlflow.db go")
     demo.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --workdir)")
     demo.add_argument("--epochs", type=int, default=None, help="epochs of every stage (default: configs/demo.json)")
+    demo.add_argument("--n-train", type=int, default=400, help="synthetic training images (default: %(default)s)")
+    demo.add_argument("--n-test", type=int, default=200, help="synthetic test images (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--fresh", action="store_true", help="delete --workdir first instead of resuming")
     demo.set_defaults(func=cmd_demo)
+
+    bundle_path = sub.add_parser(
+        "bundle-path",
+        help="print the folder of the installed bundle (or, with --overlays, of the overlays such as demo.json)",
+        description="Example: python -m monai.bundle run --bundle_root $(monai-cxr-ssl bundle-path) --config_file "
+        "\"['$(monai-cxr-ssl bundle-path)/configs/train.json','$(monai-cxr-ssl bundle-path --overlays)/demo.json']\"",
+    )
+    bundle_path.add_argument("--overlays", action="store_true", help="print the overlays folder instead")
+    bundle_path.set_defaults(func=cmd_bundle_path)
 
     synth = sub.add_parser("synthesize", help="write the synthetic class-per-folder demo dataset")
     synth.add_argument("--out", required=True)

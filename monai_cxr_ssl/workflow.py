@@ -8,19 +8,24 @@ import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
-
-from monai.bundle import ConfigParser, ConfigWorkflow
+from typing import TYPE_CHECKING, Any
 
 from monai_cxr_ssl.locking import output_lock
 from monai_cxr_ssl.settings import check_override_keys, check_settings, stage_epochs
 from monai_cxr_ssl.utils import atomic_write, write_json
 
+if TYPE_CHECKING:  # MONAI (and torch) are imported where a workflow is made: the CLI's start path imports this module
+    from monai.bundle import ConfigParser, ConfigWorkflow
+
 logger = logging.getLogger("monai_cxr_ssl")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "cxr_classifier"
-OVERLAYS_DIR = REPO_ROOT / "configs"
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+# The repository's bundles/ and configs/ are the source; a source checkout (and an editable install) uses them, an
+# installed wheel has copies of them inside the package (setup.py's build_py puts them there).
+_DATA_ROOT = REPO_ROOT if (REPO_ROOT / "bundles" / "cxr_classifier" / "configs").is_dir() else PACKAGE_DIR
+DEFAULT_BUNDLE = _DATA_ROOT / "bundles" / "cxr_classifier"
+OVERLAYS_DIR = _DATA_ROOT / "configs"
 
 # Named configs of a bundle; evaluate and the semi-supervised stages are overlays on train, as in model-zoo bundles.
 NAMED_CONFIGS = {
@@ -72,16 +77,31 @@ def make_workflow(
     """A bundle workflow for ``configs`` (names or files, see ``resolve_configs``) with ``overrides``, not yet run.
 
     A general ``num_epochs`` override also sets the per-stage epochs the overrides do not give (``stage_epochs``).
+    The workflow has its MONAI ``workflow_type`` (``workflow_type_of``), so that ``check_properties()`` checks the
+    ids MONAI's tools look up (``train#trainer``, ``evaluator`` ...).
     """
+    from monai_cxr_ssl.bundle_workflow import CXRConfigWorkflow
+
     bundle = Path(bundle).resolve()
     overrides = stage_epochs(overrides)
     overrides.setdefault("bundle_root", str(bundle))
-    return ConfigWorkflow(
-        config_file=resolve_configs(bundle, configs),
+    files = resolve_configs(bundle, configs)
+    return CXRConfigWorkflow(
+        config_file=files,
         meta_file=str(bundle / "configs" / "metadata.json"),
         logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type=workflow_type_of(files, overrides),
         **overrides,
     )
+
+
+def workflow_type_of(files: Sequence[str], overrides: dict[str, Any] | None = None) -> str:
+    """MONAI's workflow type of the merged ``files``: ``"train"`` when its ``run`` starts ``train#trainer`` (the
+    training stages), else ``"infer"`` (a run of an evaluator: evaluation, pseudo-labelling, inference)."""
+    from monai.bundle import ConfigParser
+
+    run = (overrides or {}).get("run", ConfigParser.load_config_files(list(files)).get("run"))
+    return "train" if "train#trainer" in str(run).replace("::", "#") else "infer"
 
 
 def run_workflow(workflow: ConfigWorkflow) -> ConfigWorkflow:

@@ -88,3 +88,34 @@ def test_only_the_deploy_app_imports_the_monai_deploy_sdk():
             if any(name == "monai.deploy" or name.startswith("monai.deploy.") for name in names):
                 importers.add(path.relative_to(package).parts[0])
     assert importers == {"deploy"}
+
+
+def test_compare_imports_neither_torch_nor_monai(tmp_path):
+    """``compare`` reads MLflow runs only: run on a real SQLite store, the command imports neither torch nor MONAI
+    (they take seconds to import; see bench/cli_startup.py for the timings)."""
+    import mlflow
+    import numpy as np
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("cxr", artifact_location=(tmp_path / "artifacts").as_uri())
+    labels = np.array([[0], [1], [0], [1], [1], [0]], dtype=np.float32)
+    for stage, seed, value in (("teacher", 0, 0.7), ("teacher", 1, 0.8), ("finetune", 0, 0.9)):
+        run = client.create_run(experiment, run_name=f"{stage}-lambda0.05-seed{seed}-evaluate").info.run_id
+        for key, param in {"stage": stage, "labeled_fraction": 0.05, "seed": seed, "eval_split": "test"}.items():
+            client.log_param(run, key, param)
+        client.log_metric(run, "test_mean_auroc", value)
+        client.log_metric(run, "test_auroc_A", value)
+        np.savez(tmp_path / "test_predictions.npz", labels=labels, probs=labels * value)
+        client.log_artifact(run, str(tmp_path / "test_predictions.npz"))
+        client.set_terminated(run)
+
+    code = ("import json, sys\nfrom monai_cxr_ssl.cli import main\nmain(sys.argv[1:])\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'monai'})))")
+    done = subprocess.run(
+        [sys.executable, "-c", code, "compare", "cxr", "--tracking-uri", uri, "--output-dir", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 5% | 0.750 ± 0.071 (n=2) |" in done.stdout  # it did compare: the teacher's mean ± std over 2 seeds
+    assert json.loads(done.stdout.splitlines()[-1]) == []
