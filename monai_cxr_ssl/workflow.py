@@ -13,6 +13,7 @@ from typing import Any
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from monai_cxr_ssl.locking import output_lock
+from monai_cxr_ssl.methods import named_configs
 from monai_cxr_ssl.settings import check_override_keys, check_settings, stage_epochs
 from monai_cxr_ssl.utils import atomic_write, write_json
 
@@ -21,17 +22,6 @@ logger = logging.getLogger("monai_cxr_ssl")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO_ROOT / "bundles" / "cxr_classifier"
 OVERLAYS_DIR = REPO_ROOT / "configs"
-
-# Named configs of a bundle; evaluate and the semi-supervised stages are overlays on train, as in model-zoo bundles.
-NAMED_CONFIGS = {
-    "train": ["train.json"],
-    "evaluate": ["train.json", "evaluate.json"],
-    "pseudo_label": ["train.json", "evaluate.json", "pseudo_label.json"],
-    "student": ["train.json", "student.json"],
-    "finetune": ["train.json", "finetune.json"],
-    "mean_teacher": ["train.json", "mean_teacher.json"],
-    "inference": ["inference.json"],
-}
 
 
 def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[str]:
@@ -48,9 +38,10 @@ def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[s
     base: list[str] = []
     overlays: list[str] = []
     stage: list[str] = []
+    named = named_configs()  # evaluate and each stage of a method are overlays on train, as in model-zoo bundles
     for name in configs:
-        if name in NAMED_CONFIGS:
-            first, *rest = (str(bundle / "configs" / f) for f in NAMED_CONFIGS[name])
+        if name in named:
+            first, *rest = (str(bundle / "configs" / f) for f in named[name])
             base.append(first)
             stage += rest
             continue
@@ -59,7 +50,7 @@ def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[s
             path = OVERLAYS_DIR / f"{name}.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"config {name!r} not found: use one of {sorted(NAMED_CONFIGS)}, a JSON/YAML file, "
+                f"config {name!r} not found: use one of {sorted(named)}, a JSON/YAML file, "
                 f"or an overlay name from {OVERLAYS_DIR}."
             )
         overlays.append(str(path))
