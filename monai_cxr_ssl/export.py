@@ -54,9 +54,10 @@ def final_stage_dir(path: str | os.PathLike) -> tuple[Path, dict]:
     """The stage folder to export for ``path`` and what is known of its run.
 
     ``path`` is a stage folder (``models/model.pt``), a pipeline output folder (``results.json``), whose final
-    trained stage (the last of its method's stages with a model, ``monai_cxr_ssl.methods``; never the pre-training
-    stage, whose model is an encoder for the teacher) is chosen, or an experiment folder without ``results.json``
-    (``split.json`` and stage folders), whose single trained stage is chosen.
+    trained stage (the last step of its run with a model: the fine-tuned student of the last round, the mean
+    teacher, ...; never the pre-training stage its ``pretrain`` names, whose model is an encoder for the teacher) is
+    chosen, or an experiment folder without ``results.json`` (``split.json`` and stage folders), whose single
+    trained stage is chosen.
     """
     path = Path(path)
     if (path / "results.json").is_file():
