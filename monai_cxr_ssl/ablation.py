@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_cxr_ssl.pipeline import Pipeline, evaluation, mean_teacher_step, teacher_steps
+from monai_cxr_ssl.methods import TEACHER_COLUMN, mean_teacher, teacher_steps
+from monai_cxr_ssl.pipeline import Pipeline
 from monai_cxr_ssl.sharpening import check_aals_parameters
 from monai_cxr_ssl.tracking import tracking_client
 from monai_cxr_ssl.utils import atomic_write, write_json
@@ -51,7 +52,7 @@ def format_ablation(auroc: dict[str, float | None], pairs: Sequence[tuple[float,
             value = auroc.get(_column(t, a0)) if (t, a0) in pairs else None
             cells.append("-" if value is None else f"{value:.3f}")
         lines.append(f"| {t:g} | " + " | ".join(cells) + " |")
-    teacher = auroc.get("teacher")
+    teacher = auroc.get(TEACHER_COLUMN)
     if teacher is not None:
         lines.append(f"\nteacher (the supervised starting point): {teacher:.3f}")
     return "\n".join(lines) + "\n"
@@ -71,8 +72,8 @@ def run_aals_ablation(
     pairs = aals_settings(ts, a0s, grid)
     steps = teacher_steps()
     for t, a0 in pairs:
-        stage = f"mean_teacher_{_column(t, a0)}"
-        steps += [mean_teacher_step(stage, aals_t=t, aals_a0=a0), evaluation(stage, "mean_teacher", _column(t, a0))]
+        stage = f"{mean_teacher.MEAN_TEACHER.name}_{_column(t, a0)}"
+        steps += mean_teacher.variant(stage, _column(t, a0), aals_t=t, aals_a0=a0)
     pipeline = Pipeline(overlays, overrides, bundle, echo=echo, steps=steps, name="aals-ablation")
     results = pipeline.run()
     table = format_ablation(results["auroc"], pairs)

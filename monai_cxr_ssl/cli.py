@@ -207,17 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     overlays_help = "overlays for every stage (configs/ names or files)"
+    from monai_cxr_ssl import methods  # the registered methods and stages (no torch, no MONAI)
+
+    kinds = methods.stage_kinds()
+    example = next((kind.name for kind in kinds if kind.epochs), kinds[0].name)
+    with_rounds = [name for name in methods.names() if methods.get(name).rounds]
+    pretraining = methods.pretraining_names()
     stage_help = (
-        "config overrides for every stage (num_epochs=2) or one kind of stage (student:num_epochs=3; kinds: teacher, "
-        "pseudo_label, student, finetune, mean_teacher, evaluate); method=mean_teacher for mean-teacher "
-        "distillation with AALS instead of teacher-student; rounds=N for N teacher-student rounds"
+        f"config overrides for every stage (num_epochs=2) or one kind of stage ({example}:num_epochs=3; kinds: "
+        f"{', '.join(kind.name for kind in kinds)}); method=NAME picks the method ({', '.join(methods.names())}; "
+        f"default {methods.DEFAULT_METHOD}); rounds=N for N rounds ({', '.join(with_rounds) or 'no method has rounds'})"
+        "; pretrain=NAME runs a pre-training stage first whose encoder initialises the teacher ("
+        + (", ".join(pretraining) if pretraining else "none registered yet") + ")"
     )
+    listing = "Methods (method=NAME): " + "; ".join(
+        f"{name}{' (default)' if name == methods.DEFAULT_METHOD else ''}: {methods.get(name).help}"
+        for name in methods.names()
+    ) + ". Pre-training stages (pretrain=NAME): " + ("; ".join(
+        f"{name}: {methods.get_pretraining(name).help}" for name in pretraining) or "none registered yet") + "."
     pipe = sub.add_parser(
         "pipeline",
-        help="teacher → pseudo-label → student → fine-tune (or → mean teacher) → evaluate; resumable, one MLflow "
-        "parent run",
-        description="Example: monai-cxr-ssl pipeline kermany cpu_small --set output_dir=runs/k labeled_fraction=0.05 "
-        "[method=mean_teacher]",
+        help=f"the teacher, then a method ({', '.join(methods.names())}), each model evaluated; resumable, one "
+        "MLflow parent run",
+        description=f"{listing} Example: monai-cxr-ssl pipeline kermany cpu_small "
+        f"--set output_dir=runs/k labeled_fraction=0.05 [method=NAME] [pretrain=NAME]",
     )
     _config_arguments(pipe, "*", overlays_help, stage_help)
     pipe.set_defaults(func=cmd_pipeline)
@@ -250,13 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="Table I (mean ± std over seeds), CSV and plots from an experiment's MLflow runs, logged to a summary run",
         description="Example: monai-cxr-ssl compare kermany_pneumonia --tracking-uri sqlite:///runs/sweep/mlflow.db "
-        "--method teacher_student --output-dir runs/compare",
+        f"--method {methods.DEFAULT_METHOD} --output-dir runs/compare",
     )
     compare.add_argument("experiments", nargs="+", help="MLflow experiment name(s)")
     compare.add_argument("--tracking-uri", default=None,
                          help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     compare.add_argument("--output-dir", default="compare", help="where the table and plots go (default: compare)")
-    compare.add_argument("--method", choices=["teacher_student", "mean_teacher"], help="keep one method's stages")
+    compare.add_argument("--method", choices=methods.names(), help="keep one method's stages (and the teacher's)")
     compare.add_argument("--labeled-fraction", type=float, default=None, help="keep one λ")
     compare.add_argument("--image-size", type=int, default=None, help="keep one image size")
     compare.add_argument("--filter", nargs="*", default=[], metavar="KEY=VALUE",

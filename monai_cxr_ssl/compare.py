@@ -12,7 +12,6 @@ import csv
 import io
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,36 +20,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from monai_cxr_ssl import methods
+from monai_cxr_ssl.methods import column_of
 from monai_cxr_ssl.results import class_notes
 from monai_cxr_ssl.utils import atomic_write
 
 __all__ = ["column_of", "comparison_notes", "comparison_table", "evaluation_runs", "format_markdown", "run_compare"]
 
 logger = logging.getLogger("monai_cxr_ssl")
-
-METHOD_STAGES = {
-    "teacher_student": re.compile(r"teacher|student(_r\d+)?|finetune(_r\d+)?"),
-    "mean_teacher": re.compile(r"teacher|mean_teacher.*"),
-}
-_ROUND = re.compile(r"(student|finetune)_r(\d+)")
-
-
-def column_of(stage: str) -> str:
-    """Table I's column for a stage: the student stage is the paper's "intermediate" model and the fine-tuned
-    student its "student"; other stages keep their names (``mean_teacher`` → ``mean teacher``)."""
-    match = _ROUND.fullmatch(stage)
-    if match:
-        return f"{'intermediate' if match[1] == 'student' else 'student'} r{match[2]}"
-    return {"student": "intermediate", "finetune": "student", "mean_teacher": "mean teacher"}.get(stage, stage)
-
-
-def _column_order(column: str) -> tuple:
-    """Table I's order: teacher, then intermediate and student per round, mean teacher, other stages by name."""
-    match = re.fullmatch(r"(intermediate|student)(?: r(\d+))?", column)
-    if match:
-        return (int(match[2] or 1), match[1] == "student", column)
-    return ({"teacher": 0, "mean teacher": 1000}.get(column, 1001), False, column)
-
 
 def _search(client: mlflow.MlflowClient, experiment_ids: list[str], filter_string: str) -> pd.DataFrame:
     """All runs matching ``filter_string``, newest first, flattened as ``mlflow.search_runs`` does."""
@@ -80,10 +57,11 @@ def evaluation_runs(
     ``stage``, ``column``, ``labeled_fraction``, ``seed``), newest per (stage, λ, seed, dataset) only.
 
     ``filters`` maps MLflow keys (``params.image_size``, ``tags.team``; a bare name means a param) to values;
-    ``method`` keeps the stages of one method (``METHOD_STAGES``).
+    ``method`` keeps the stages of one method (``methods.names()``; the teacher is every method's). A stage's
+    column is ``methods.column_of``'s.
     """
-    if method is not None and method not in METHOD_STAGES:
-        raise ValueError(f"method must be one of {sorted(METHOD_STAGES)}, got {method!r}.")
+    if method is not None:
+        methods.get(method)  # an unknown method is an error naming the registered ones
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiments = {name: client.get_experiment_by_name(name) for name in experiment_names}
     missing = [name for name, experiment in experiments.items() if experiment is None]
@@ -100,7 +78,7 @@ def evaluation_runs(
     runs = runs[runs["metrics.test_mean_auroc"].notna()].copy()
     runs["stage"] = runs["params.stage"]
     if method is not None:
-        runs = runs[runs["stage"].map(lambda s: bool(METHOD_STAGES[method].fullmatch(str(s))))]
+        runs = runs[runs["stage"].map(lambda s: methods.belongs_to(method, str(s)))]
     runs["column"] = runs["stage"].map(column_of)
     runs["labeled_fraction"] = runs["params.labeled_fraction"].astype(float)
     runs["seed"] = runs["params.seed"].astype(int)
@@ -111,7 +89,7 @@ def evaluation_runs(
 def comparison_table(runs: pd.DataFrame) -> list[dict]:
     """Rows per λ (ascending): ``{"labeled_fraction", column: {"mean", "std", "n", "seeds"}}``; std is the sample
     standard deviation over seeds (0 for one)."""
-    columns = sorted(set(runs["column"]), key=_column_order)
+    columns = sorted(set(runs["column"]), key=methods.column_order)
     rows = []
     for fraction, group in runs.groupby("labeled_fraction", sort=True):
         row: dict = {"labeled_fraction": float(fraction)}

@@ -54,14 +54,16 @@ def final_stage_dir(path: str | os.PathLike) -> tuple[Path, dict]:
     """The stage folder to export for ``path`` and what is known of its run.
 
     ``path`` is a stage folder (``models/model.pt``), a pipeline output folder (``results.json``), whose final
-    trained stage (the last one with a model: the fine-tuned student of the last round, the mean teacher, ...) is
+    trained stage (the last step of its run with a model: the fine-tuned student of the last round, the mean
+    teacher, ...; never the pre-training stage its ``pretrain`` names, whose model is an encoder for the teacher) is
     chosen, or an experiment folder without ``results.json`` (``split.json`` and stage folders), whose single
     trained stage is chosen.
     """
     path = Path(path)
     if (path / "results.json").is_file():
         results = read_json(path / "results.json", "pipeline results", "re-run the pipeline")
-        trained = [name for name in results["runs"] if (path / name / "models" / "model.pt").is_file()]
+        trained = [name for name in results["runs"] if (path / name / "models" / "model.pt").is_file()
+                   and name != results.get("pretrain")]
         if not trained:
             raise FileNotFoundError(f"{path}: no stage of this pipeline has a models/model.pt; re-run the pipeline.")
         stage = trained[-1]

@@ -1,8 +1,9 @@
 """The semi-supervised methods as one resumable command, and sweeps of them over λ and seeds.
 
-``Pipeline`` runs the bundle's stages in order: the teacher and its evaluation, then for the teacher-student method
-per round the pseudo-label stage (with the balanced filter), the student ("intermediate") and its evaluation, the
-fine-tuned student and its evaluation; for the mean-teacher method the mean-teacher stage and its evaluation. Each
+``Pipeline`` runs the stages of a registered method (``monai_cxr_ssl.methods``) in order: the teacher and its
+evaluation, then the method's stages (for the teacher-student method per round the pseudo-label stage with the
+balanced filter, the student and the fine-tuned student; for the mean-teacher method the mean teacher), each model
+followed by its evaluation; a registered pre-training stage can run first and initialise the teacher's encoder. Each
 stage is an ordinary bundle workflow, the same configs ``python -m monai.bundle run`` takes, and
 logs its own MLflow run, nested under one parent run per pipeline (and that under one run per sweep).
 
@@ -21,7 +22,6 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +30,21 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 
+from monai_cxr_ssl import methods
 from monai_cxr_ssl.locking import output_lock
-from monai_cxr_ssl.results import columns, coverage, format_table1, table1, table1_notes
+from monai_cxr_ssl.methods import Step, evaluation, plan, teacher_steps
+from monai_cxr_ssl.results import coverage, format_table1, table1, table1_notes
 from monai_cxr_ssl.settings import check_override_keys, check_settings
 from monai_cxr_ssl.tracking import TrackedRun, experiment_id, pending_file_of, recorded_run, tracking_client
 from monai_cxr_ssl.utils import atomic_write, read_json, write_json
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, make_workflow, run_workflow
 
 __all__ = [
-    "METHODS", "STAGE_KINDS", "Pipeline", "Step", "evaluation", "mean_teacher_step", "plan", "run_sweep",
-    "split_overrides", "teacher_steps", "used_config",
+    "Pipeline", "Step", "evaluation", "plan", "run_sweep", "split_overrides", "teacher_steps", "used_config",
 ]
 
-STAGE_KINDS = ("teacher", "pseudo_label", "student", "finetune", "mean_teacher", "evaluate")
-METHODS = ("teacher_student", "mean_teacher")
 # Settings of the pipeline itself rather than of a stage's config.
-PIPELINE_OPTIONS = ("method", "rounds")
+PIPELINE_OPTIONS = ("method", "rounds", "pretrain")
 # Settings that change where or how fast results are made, not the results: they do not re-run stages. The dataset
 # folder is one: the split file's fingerprint of image ids and labels stops any stage if the data itself differs.
 BOOKKEEPING_IDS = frozenset(
@@ -55,68 +54,11 @@ BOOKKEEPING_IDS = frozenset(
 _KIND_OVERRIDE = re.compile(r"(\w+):(?!:)(.+)")
 
 
-@dataclass(frozen=True)
-class Step:
-    """One stage of the pipeline: the named bundle config it runs and the stages whose outputs it reads."""
-
-    name: str
-    config: str  # a ``workflow.NAMED_CONFIGS`` name
-    kinds: tuple[str, ...]  # from STAGE_KINDS: whose ``kind:key=value`` overrides apply, in this order
-    stage: str  # the stage folder (and MLflow run-name stem) it writes or evaluates
-    inputs: tuple[str, ...] = ()
-    settings: dict[str, Any] = field(default_factory=dict)  # ids the pipeline sets: the stages it reads from
-    column: str | None = None  # the Table I column an evaluation fills
-
-
-def evaluation(stage: str, kind: str, column: str) -> Step:
-    """The step that evaluates ``stage`` (a model of ``kind``) on the test split, for the table's ``column``."""
-    # the evaluated model's settings apply too: its evaluation run logs that model's hyperparameters
-    return Step(f"{stage}/evaluate", "evaluate", (kind, "evaluate"), stage, (stage,), column=column)
-
-
-def teacher_steps() -> list[Step]:
-    """The supervised teacher on the labeled split, and its evaluation: how every method starts."""
-    return [Step("teacher", "train", ("teacher",), "teacher"), evaluation("teacher", "teacher", "teacher")]
-
-
-def mean_teacher_step(stage: str = "mean_teacher", **settings: Any) -> Step:
-    """Mean-teacher distillation initialised from the teacher; ``settings`` override its config (AALS t, a0 ...)."""
-    return Step(stage, "mean_teacher", ("mean_teacher",), stage, ("teacher",), {"init_stage": "teacher", **settings})
-
-
-def plan(rounds: int = 1, method: str = "teacher_student") -> list[Step]:
-    """The steps of a method (``METHODS``). ``teacher_student``: ``rounds`` rounds; from round 2 on the previous
-    fine-tuned student is the teacher and stages are suffixed ``_r<N>``. ``mean_teacher``: the teacher, then
-    mean-teacher distillation with AALS starting from it."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}.")
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}.")
-    if method == "mean_teacher":
-        if rounds != 1:
-            raise ValueError("rounds applies to the teacher_student method only; the mean teacher runs once.")
-        return [*teacher_steps(), mean_teacher_step(), evaluation("mean_teacher", "mean_teacher", "mean teacher")]
-    cols = iter(columns(rounds)[1:])
-    steps = teacher_steps()
-    teacher = "teacher"
-    for r in range(1, rounds + 1):
-        suffix = "" if r == 1 else f"_r{r}"
-        pseudo, student, finetune = f"pseudo_label{suffix}", f"student{suffix}", f"finetune{suffix}"
-        steps += [
-            Step(pseudo, "pseudo_label", ("pseudo_label",), pseudo, (teacher,), {"teacher_stage": teacher}),
-            Step(student, "student", ("student",), student, (pseudo,), {"pseudo_label_stage": pseudo}),
-            evaluation(student, "student", next(cols)),
-            Step(finetune, "finetune", ("finetune",), finetune, (student,), {"init_stage": student}),
-            evaluation(finetune, "finetune", next(cols)),
-        ]
-        teacher = finetune
-    return steps
-
-
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Separate overrides for every stage (``key``) from those for one kind of stage (``student:key``)."""
     common: dict[str, Any] = {}
-    per_kind: dict[str, dict[str, Any]] = {kind: {} for kind in STAGE_KINDS}
+    kinds = [kind.name for kind in methods.stage_kinds()]
+    per_kind: dict[str, dict[str, Any]] = {kind: {} for kind in kinds}
     for key, value in overrides.items():
         match = _KIND_OVERRIDE.fullmatch(key)
         if match is None:
@@ -124,7 +66,7 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
         elif match[1] in per_kind:
             per_kind[match[1]][match[2]] = value
         else:
-            raise ValueError(f"override {key!r}: unknown stage {match[1]!r}; stage prefixes are {list(STAGE_KINDS)}.")
+            raise ValueError(f"override {key!r}: unknown stage {match[1]!r}; stage prefixes are {kinds}.")
     return common, per_kind
 
 
@@ -182,14 +124,15 @@ def _marker(path: Path) -> dict | None:
 
 
 class Pipeline:
-    """Teacher → pseudo-label (+ balanced filter) → student → fine-tune, or teacher → mean teacher, evaluated after
-    each model, resumable.
+    """The teacher, then a registered method's stages (``monai_cxr_ssl.methods``), evaluated after each model,
+    resumable.
 
     Args:
         overlays: config overlays (``configs/`` names or files) applied to every stage.
         overrides: ``key: value`` for every stage, ``"<kind>:key": value`` for one kind of stage (kinds:
-            ``STAGE_KINDS``). ``method`` (``METHODS``, default ``teacher_student``) picks the method, ``rounds``
-            (default 1) the number of teacher-student rounds.
+            ``methods.stage_kinds()``). ``method`` (``methods.names()``, default ``methods.DEFAULT_METHOD``) picks
+            the method, ``rounds`` (default 1) the number of its rounds where it has rounds, ``pretrain``
+            (``methods.pretraining_names()``, default none) a pre-training stage whose encoder starts the teacher.
         bundle: the bundle folder.
         parent_run_id: an MLflow run (a sweep's) to nest this pipeline's run under.
         echo: where progress lines go.
@@ -212,11 +155,13 @@ class Pipeline:
         self.bundle = bundle
         self.sweep_run_id = parent_run_id
         self.echo = echo
-        parser = make_workflow(["train", *self.overlays], bundle, **self.common).parser
+        parser = make_workflow([methods.TEACHER.config, *self.overlays], bundle, **self.common).parser
         self.rounds = parser.get("rounds", 1)
         # custom steps (the AALS ablation, benchmarks) are recorded under the pipeline's name as their method
-        self.method = parser.get("method", "teacher_student") if steps is None else name
-        self.steps = list(steps) if steps is not None else plan(self.rounds, self.method)
+        self.method = parser.get("method", methods.DEFAULT_METHOD) if steps is None else name
+        self.pretrain = parser.get("pretrain", None)
+        self.steps = methods.with_pretraining(list(steps) if steps is not None else plan(self.rounds, self.method),
+                                              self.pretrain)
         self.output_dir = Path(parser.get_parsed_content("output_dir"))
         self.split_file = Path(parser.get_parsed_content("split_file"))
         self.labeled_fraction = parser.get_parsed_content("labeled_fraction")
@@ -263,7 +208,7 @@ class Pipeline:
         outputs: dict[str, dict] = {}
         try:
             for index, step in enumerate(self.steps, 1):
-                if step.config in ("pseudo_label", "mean_teacher") and not self._num_unlabeled():
+                if methods.stage_kind(step.kinds[0]).unlabeled and not self._num_unlabeled():
                     self.echo(
                         f"the unlabeled split is empty (labeled_fraction={self.labeled_fraction}): there is nothing "
                         "to learn from without labels, so the pipeline stops after the (fully supervised) teacher."
@@ -288,6 +233,8 @@ class Pipeline:
             client.log_param(run_id, "seed", self.seed)
         client.set_tag(run_id, "method", self.method)
         client.set_tag(run_id, "rounds", str(self.rounds))
+        if self.pretrain is not None:
+            client.set_tag(run_id, "pretrain", self.pretrain)
         client.set_tag(run_id, "overlays", json.dumps(self.overlays))
         client.set_tag(run_id, "overrides", json.dumps({**self.common, **{
             f"{kind}:{k}": v for kind, values in self.per_kind.items() for k, v in values.items()}}, default=str))
@@ -323,14 +270,14 @@ class Pipeline:
             self.echo(f"{label}: resuming an interrupted run with the same settings and inputs")
         elif done is not None or started is not None:
             self.echo(f"{label}: re-running ({_why(done or started, used, inputs)})")
-        elif step.config != "evaluate" and stage_dir.exists():
+        elif step.config != methods.EVALUATE.config and stage_dir.exists():
             self.echo(f"{label}: {stage_dir} holds outputs the pipeline did not record; starting the stage over")
         else:
             self.echo(f"{label}: running")
-        if not resume and step.config != "evaluate":
+        if not resume and step.config != methods.EVALUATE.config:
             # the evaluation's marker, and the MLflow run records: the stage's handler marks a superseded run killed
             evaluate_record = record_file.name.replace("mlflow_run", "mlflow_run_evaluate")
-            _clear(stage_dir, keep={done_file.name.replace(step.config, "evaluate"), record_file.name,
+            _clear(stage_dir, keep={done_file.name.replace(step.config, methods.EVALUATE.config), record_file.name,
                                     pending_file_of(record_file).name, evaluate_record,
                                     pending_file_of(evaluate_record).name})
         record = {"key": key, "step": step.name, "config": used, "inputs": inputs}
@@ -356,6 +303,7 @@ class Pipeline:
             "seed": self.seed,
             "rounds": self.rounds,
             "method": self.method,
+            **({"pretrain": self.pretrain} if self.pretrain is not None else {}),
             "run_id": parent,
             "auroc": {step.column: auroc.get(step.column) for step in self.steps if step.column},
             "runs": {step.name: outputs[step.name]["run_id"] for step in ran},
@@ -393,7 +341,7 @@ def run_sweep(
     if not labeled_fractions or not seeds:
         raise ValueError("a sweep needs at least one labeled fraction and one seed.")
     common, _ = split_overrides(dict(overrides))
-    parser = make_workflow(["train", *overlays], bundle, **common).parser
+    parser = make_workflow([methods.TEACHER.config, *overlays], bundle, **common).parser
     base = Path(parser.get_parsed_content("output_dir"))
     pipelines = [  # made first: each checks its settings, so a bad λ stops the sweep before any training
         Pipeline(overlays, {**overrides, "labeled_fraction": fraction, "seed": seed,

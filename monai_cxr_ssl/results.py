@@ -1,6 +1,7 @@
 """Table I of the teacher-student paper: test AUROC per labeled fraction λ for the teacher, the intermediate
 model (student trained on pseudo-labels only) and the student (fine-tuned), mean ± std over seeds; the same
-layout holds other methods' models (the mean teacher) and the AALS ablation's variants as columns."""
+layout holds other methods' models (their columns come from ``monai_cxr_ssl.methods``) and the AALS ablation's
+variants as columns."""
 
 from __future__ import annotations
 
@@ -9,18 +10,15 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from monai_cxr_ssl import methods
+
 FEW_POSITIVES = 10  # a test AUROC resting on fewer positive images is flagged under the table
 
 
-def columns(rounds: int = 1, method: str = "teacher_student") -> list[str]:
-    """The model columns of a pipeline: for ``teacher_student``, Table I's for ``rounds`` rounds (round r > 1 adds
-    ``intermediate rN`` and ``student rN``); for ``mean_teacher``, the teacher and the mean teacher."""
-    if method == "mean_teacher":
-        return ["teacher", "mean teacher"]
-    cols = ["teacher", "intermediate", "student"]
-    for r in range(2, rounds + 1):
-        cols += [f"intermediate r{r}", f"student r{r}"]
-    return cols
+def columns(rounds: int = 1, method: str | None = None) -> list[str]:
+    """The model columns of a pipeline of ``method`` (``methods.names()``, default ``methods.DEFAULT_METHOD``) run
+    for ``rounds`` rounds: the teacher's, then the method's (``methods.columns``)."""
+    return methods.columns(rounds, method)
 
 
 def table1(results: Sequence[dict]) -> list[dict]:

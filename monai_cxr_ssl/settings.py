@@ -15,13 +15,13 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["MIN_CROP_SIZE", "RULES", "STAGE_EPOCHS", "check_override_keys", "check_settings", "check_values",
-           "config_ids", "stage_epochs"]
+from monai_cxr_ssl.methods import epoch_settings
+
+__all__ = ["MIN_CROP_SIZE", "RULES", "check_override_keys", "check_settings", "check_values", "config_ids",
+           "stage_epochs"]
 
 # DenseNet121 down-samples by 32: a smaller crop has no pixels left before its last block.
 MIN_CROP_SIZE = 32
-# Per-stage epoch settings: each wins over the general ``num_epochs`` for its stage (see ``stage_epochs``).
-STAGE_EPOCHS = ("student_epochs", "finetune_epochs", "mean_teacher_epochs")
 
 
 def _number(value: Any) -> bool:
@@ -187,8 +187,9 @@ def check_override_keys(keys: Iterable[str], configs: Iterable[dict], extra: Ite
 
 
 def stage_epochs(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``overrides`` with the general ``num_epochs`` copied to every per-stage epoch setting (``STAGE_EPOCHS``)
-    the user did not give: ``num_epochs=2`` shortens every stage, ``student_epochs=3`` still wins for the student."""
+    """``overrides`` with the general ``num_epochs`` copied to every per-stage epoch setting the user did not give
+    (the registered stage kinds', ``methods.epoch_settings``): ``num_epochs=2`` shortens every stage,
+    ``student_epochs=3`` still wins for the student."""
     if "num_epochs" not in overrides:
         return dict(overrides)
-    return {**dict.fromkeys(STAGE_EPOCHS, overrides["num_epochs"]), **overrides}
+    return {**dict.fromkeys(epoch_settings(), overrides["num_epochs"]), **overrides}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monai_cxr_ssl.locking import output_lock
+from monai_cxr_ssl.methods import named_configs
 from monai_cxr_ssl.settings import check_override_keys, check_settings, stage_epochs
 from monai_cxr_ssl.utils import atomic_write, write_json
 
@@ -27,17 +28,6 @@ _DATA_ROOT = REPO_ROOT if (REPO_ROOT / "bundles" / "cxr_classifier" / "configs")
 DEFAULT_BUNDLE = _DATA_ROOT / "bundles" / "cxr_classifier"
 OVERLAYS_DIR = _DATA_ROOT / "configs"
 
-# Named configs of a bundle; evaluate and the semi-supervised stages are overlays on train, as in model-zoo bundles.
-NAMED_CONFIGS = {
-    "train": ["train.json"],
-    "evaluate": ["train.json", "evaluate.json"],
-    "pseudo_label": ["train.json", "evaluate.json", "pseudo_label.json"],
-    "student": ["train.json", "student.json"],
-    "finetune": ["train.json", "finetune.json"],
-    "mean_teacher": ["train.json", "mean_teacher.json"],
-    "inference": ["inference.json"],
-}
-
 
 def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[str]:
     """Turn config names (``train``, ``evaluate``, ``student`` ...) and overlay paths into a list of files.
@@ -53,9 +43,10 @@ def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[s
     base: list[str] = []
     overlays: list[str] = []
     stage: list[str] = []
+    named = named_configs()  # evaluate and each stage of a method are overlays on train, as in model-zoo bundles
     for name in configs:
-        if name in NAMED_CONFIGS:
-            first, *rest = (str(bundle / "configs" / f) for f in NAMED_CONFIGS[name])
+        if name in named:
+            first, *rest = (str(bundle / "configs" / f) for f in named[name])
             base.append(first)
             stage += rest
             continue
@@ -64,7 +55,7 @@ def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[s
             path = OVERLAYS_DIR / f"{name}.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"config {name!r} not found: use one of {sorted(NAMED_CONFIGS)}, a JSON/YAML file, "
+                f"config {name!r} not found: use one of {sorted(named)}, a JSON/YAML file, "
                 f"or an overlay name from {OVERLAYS_DIR}."
             )
         overlays.append(str(path))

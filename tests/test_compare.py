@@ -11,7 +11,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from monai_cxr_ssl.compare import column_of, run_compare
+from monai_cxr_ssl.compare import comparison_table, evaluation_runs, run_compare
+from monai_cxr_ssl.pipeline import plan
 
 AUROC = {  # (stage, λ, seed) -> test AUROC
     ("teacher", 0.05, 0): 0.70, ("teacher", 0.05, 1): 0.74, ("finetune", 0.05, 0): 0.80, ("finetune", 0.05, 1): 0.82,
@@ -38,10 +39,25 @@ def log_evaluations(client: mlflow.MlflowClient, experiment: str, tmp_path, auro
         client.set_terminated(run)
 
 
-def test_column_names_follow_table1():
-    assert [column_of(s) for s in ("teacher", "student", "finetune", "student_r2", "finetune_r2", "mean_teacher",
-                                   "mean_teacher_t0.4_a4")] == [
-        "teacher", "intermediate", "student", "intermediate r2", "student r2", "mean teacher", "mean_teacher_t0.4_a4"]
+def test_compare_tables_each_evaluation_as_the_pipeline_does(tmp_path):
+    """Evaluation runs of every stage a pipeline evaluates land in the column the pipeline's results give it, in the
+    pipeline's order; another method's filter leaves them out, the teacher's excepted."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    for method, rounds in (("teacher_student", 1), ("teacher_student", 3), ("mean_teacher", 1)):
+        name = f"{method}-{rounds}"
+        experiment = client.create_experiment(name, artifact_location=(tmp_path / name).as_uri())
+        evaluated = [step for step in plan(rounds, method) if step.column]
+        auroc = [0.5 + i / 100 for i in range(len(evaluated))]
+        log_evaluations(client, experiment, tmp_path, {(s.stage, 0.1, 0): v for s, v in zip(evaluated, auroc,
+                                                                                             strict=True)})
+        for kept in (None, method):
+            (row,) = comparison_table(evaluation_runs([name], method=kept, tracking_uri=uri))
+            assert list(row)[1:] == [s.column for s in evaluated]
+            assert [row[s.column]["mean"] for s in evaluated] == pytest.approx(auroc)
+        other = next(m for m in ("teacher_student", "mean_teacher") if m != method)
+        (row,) = comparison_table(evaluation_runs([name], method=other, tracking_uri=uri))
+        assert list(row) == ["labeled_fraction", "teacher"]
 
 
 def test_compare_on_a_sqlite_store(tmp_path):

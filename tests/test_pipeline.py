@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from monai_cxr_ssl.compare import run_compare
 from monai_cxr_ssl.pipeline import metric_name, plan, split_overrides, used_config
 from monai_cxr_ssl.results import format_table1, table1
 from monai_cxr_ssl.workflow import make_workflow
@@ -21,28 +22,45 @@ from monai_cxr_ssl.workflow import make_workflow
 SUFFIX = "-lambda0.4-seed0"
 
 
-def test_plan_chains_rounds():
-    steps = {s.name: s for s in plan(2)}
-    assert list(steps) == [
-        "teacher", "teacher/evaluate",
-        "pseudo_label", "student", "student/evaluate", "finetune", "finetune/evaluate",
-        "pseudo_label_r2", "student_r2", "student_r2/evaluate", "finetune_r2", "finetune_r2/evaluate",
-    ]
-    assert steps["pseudo_label_r2"].settings == {"teacher_stage": "finetune"}
-    assert steps["pseudo_label_r2"].inputs == ("finetune",)
-    assert steps["finetune_r2"].settings == {"init_stage": "student_r2"}
-    assert steps["student_r2/evaluate"].kinds == ("student", "evaluate")
-    columns = [s.column for s in steps.values() if s.column]
-    assert columns == ["teacher", "intermediate", "student", "intermediate r2", "student r2"]
+def _chained(steps) -> None:
+    """Every step reads only what steps before it made, and the ids that name the stages it reads name its inputs."""
+    made: list[str] = []
+    for step in steps:
+        assert set(step.inputs) <= set(made), (step.name, step.inputs, made)
+        assert set(step.settings.values()) <= set(step.inputs), step
+        made += [step.name, step.stage]
+
+
+def test_rounds_chain_each_round_to_the_previous_rounds_student():
+    for rounds in (1, 2, 3):
+        steps = plan(rounds)
+        _chained(steps)
+        names = [s.name for s in steps]
+        assert len(names) == len(set(names))
+        # per round a pseudo-label stage reading the previous round's model, one more trained model per stage read
+        pseudo = [s for s in steps if "teacher_stage" in s.settings]
+        assert len(pseudo) == rounds
+        assert pseudo[0].inputs == ("teacher",)
+        for later in pseudo[1:]:
+            # the round's teacher is the last model trained before its pseudo-labels: the fine-tuned student
+            trained = [s for s in steps[:names.index(later.name)] if s.column is None and s not in pseudo]
+            assert later.inputs == (trained[-1].stage,) and trained[-1].stage.startswith("finetune")
+        # every model is evaluated once, right after it is trained, under a column of its own
+        evaluations = [s for s in steps if s.column]
+        assert [s.stage for s in evaluations] == [s.stage for s in steps if s.column is None and s not in pseudo]
+        assert len({s.column for s in evaluations}) == len(evaluations) == 1 + 2 * rounds
+        for s in evaluations:
+            assert s.kinds[-1] == "evaluate" and s.kinds[0] in steps[names.index(s.stage)].kinds
     with pytest.raises(ValueError, match="rounds"):
         plan(0)
 
 
 def test_plan_of_the_mean_teacher_method():
     steps = plan(method="mean_teacher")
-    assert [s.name for s in steps] == ["teacher", "teacher/evaluate", "mean_teacher", "mean_teacher/evaluate"]
-    assert steps[2].settings == {"init_stage": "teacher"} and steps[2].inputs == ("teacher",)
-    assert steps[3].kinds == ("mean_teacher", "evaluate") and steps[3].column == "mean teacher"
+    _chained(steps)
+    trained = [s for s in steps if s.column is None]
+    assert [s.stage for s in trained][0] == "teacher" and trained[-1].settings == {"init_stage": "teacher"}
+    assert steps[-1].stage == trained[-1].stage and steps[-1].column == "mean teacher"
     with pytest.raises(ValueError, match="method must be one of"):
         plan(method="fixmatch")
     with pytest.raises(ValueError, match="rounds applies to the teacher_student method only"):
@@ -191,15 +209,18 @@ def test_pipeline_killed_and_resumed_then_rerun_with_a_changed_setting(tiny):
     assert parent.data.metrics["test_auroc_student_r2"] == pytest.approx(results["auroc"]["student r2"])
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"table1.md", "results.json"}
     stages = {n: r for n, r in by_name.items() if not n.startswith("pipeline")}
-    assert len(stages) == 12
+    # one MLflow run per step the pipeline reported, named after its stage
+    assert set(stages) == {f"{name.removesuffix('/evaluate')}{SUFFIX}{'-evaluate' * name.endswith('/evaluate')}"
+                           for name in said}
     assert len(by_name[f"student{SUFFIX}"]) == 1  # the killed student run was continued, not duplicated
     for name, group in stages.items():
         assert group[0].data.tags.get("mlflow.parentRunId") == parent.info.run_id, name
         assert group[0].info.status == "FINISHED", name
 
     # Unchanged: nothing runs. A fine-tune setting: only the fine-tunes and what reads them re-run, and it says why.
+    steps = said
     said = _lines(_pipeline(settings, root).stdout)
-    assert all(v.startswith("done earlier") for v in said.values()) and len(said) == 12
+    assert all(v.startswith("done earlier") for v in said.values()) and said.keys() == steps.keys()
     said = _lines(_pipeline({**settings, "finetune:num_epochs": 2}, root).stdout)
     for name in ("teacher", "pseudo_label", "student", "student/evaluate"):
         assert said[name].startswith("done earlier"), (name, said[name])
@@ -208,6 +229,15 @@ def test_pipeline_killed_and_resumed_then_rerun_with_a_changed_setting(tiny):
     assert said["finetune/evaluate"] == "re-running (settings changed: num_epochs; input re-made: finetune)"
     assert said["pseudo_label_r2"] == "re-running (input re-made: finetune)"
     assert said["finetune_r2"] == "re-running (settings changed: finetune_epochs; input re-made: student_r2)"
+
+    # compare, reading the evaluations from MLflow, tables each model as the pipeline's results.json does
+    results = json.loads((out / "results.json").read_text())
+    compared = run_compare(["pipeline"], root / "compare", {"params.labeled_fraction": "0.4"},
+                           method="teacher_student", tracking_uri=settings["tracking_uri"], log_summary=False)
+    (row,) = compared["rows"]
+    assert list(row)[1:] == list(results["auroc"])
+    for column, value in results["auroc"].items():
+        assert row[column]["mean"] == pytest.approx(value) and row[column]["n"] == 1
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Classification networks for chest X-rays."""
 
-from .densenet import CXRDenseNet121, load_imagenet_weights
+from .densenet import CXRDenseNet121, encoder_state_dict, load_encoder, load_imagenet_weights
 
-__all__ = ["CXRDenseNet121", "load_imagenet_weights"]
+__all__ = ["CXRDenseNet121", "encoder_state_dict", "load_encoder", "load_imagenet_weights"]

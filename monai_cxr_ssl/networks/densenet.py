@@ -12,7 +12,7 @@ import torch
 from monai.networks.nets import DenseNet121
 from torch import nn
 
-__all__ = ["CXRDenseNet121", "load_imagenet_weights"]
+__all__ = ["CXRDenseNet121", "encoder_state_dict", "load_encoder", "load_imagenet_weights"]
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -23,6 +23,14 @@ _DENSE_LAYER_KEY = re.compile(
 )
 _FIRST_CONV = "features.conv0.weight"
 _OPTIONAL_SUFFIX = "num_batches_tracked"  # BatchNorm counters, absent from old checkpoints and unused in eval
+_ENCODER, _HEAD = "features.", "class_layers."
+# What wraps an encoder's keys in pre-training checkpoints: DistributedDataParallel's ``module.``, a SimCLR-style
+# model's ``encoder.`` / ``backbone.`` / ``model.``. Stripped (repeatedly) before the keys are matched.
+ENCODER_PREFIXES = ("module.", "encoder.", "backbone.", "model.")
+PRETRAINING_CHECKPOINT = (
+    "a pre-training checkpoint (a state dict whose DenseNet121 feature layers are named features.*, optionally under "
+    "encoder., backbone., model. or module.)"
+)
 
 
 def _torchvision_to_monai(key: str) -> str:
@@ -111,6 +119,85 @@ def load_imagenet_weights(model: nn.Module, path: str | os.PathLike) -> None:
     )
 
 
+def _encoder_key(key: str, target: dict[str, torch.Tensor]) -> str | None:
+    """The key of ``target`` that a pre-training checkpoint's ``key`` names, None if none."""
+    while key.startswith(ENCODER_PREFIXES):
+        key = key.split(".", 1)[1]
+    key = _torchvision_to_monai(key)
+    for candidate in (key, _ENCODER + key):
+        if candidate in target and candidate.startswith((_ENCODER, _HEAD)):
+            return candidate
+    return None
+
+
+def encoder_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a pre-training checkpoint ``state`` that initialise a network whose state dict is ``target``.
+
+    Keys are mapped onto the network's: wrapper prefixes (``ENCODER_PREFIXES``) are stripped, torchvision's
+    dense-layer names become MONAI's, and a key without ``features.`` gets it (``encoder.conv0.weight`` →
+    ``features.conv0.weight``). Every feature layer must be found, with its shape; a first convolution made for 3
+    channels is adapted to the network's (``_adapt_first_conv``). The head (``class_layers``) is taken when the
+    checkpoint has it with the same shapes, else it keeps its initialisation. Keys that map nowhere (a projection
+    head) are left out.
+
+    Raises:
+        ValueError: no key maps onto the feature layers, two keys map onto one, or feature layers are missing or
+            of another shape; the message names them.
+    """
+    mapped: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    for key, value in state.items():
+        name = _encoder_key(key, target)
+        if name is None:
+            continue
+        if name in mapped:
+            raise ValueError(f"keys {sources[name]!r} and {key!r} both map onto {name}; keep one encoder.")
+        mapped[name], sources[name] = value, key
+    features = {k: v for k, v in mapped.items() if k.startswith(_ENCODER)}
+    if not features:
+        sample = ", ".join(list(state)[:5])
+        raise ValueError(f"no key maps onto the network's feature layers (keys such as {sample}); expected "
+                         f"{PRETRAINING_CHECKPOINT}.")
+    first = features.get(_FIRST_CONV)
+    if first is not None and first.shape != target[_FIRST_CONV].shape and first.ndim == 4 and first.shape[1] == 3:
+        features[_FIRST_CONV] = _adapt_first_conv(first, target[_FIRST_CONV].shape[1])
+    expected = [k for k in target if k.startswith(_ENCODER) and not k.endswith(_OPTIONAL_SUFFIX)]
+    missing = [k for k in expected if k not in features]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in features.items()
+                  if v.shape != target[k].shape]
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                for label, keys in (("missing", missing), ("shape mismatch", mismatched)) if keys]
+    if problems:
+        raise ValueError("its encoder does not fit the network's feature layers: " + "; ".join(problems))
+    head = {k: v for k, v in mapped.items() if k.startswith(_HEAD)}
+    expected_head = [k for k in target if k.startswith(_HEAD)]
+    if set(head) == set(expected_head) and all(v.shape == target[k].shape for k, v in head.items()):
+        features.update(head)
+    return features
+
+
+def load_encoder(model: nn.Module, path: str | os.PathLike) -> None:
+    """Initialise ``model``'s encoder from the pre-training checkpoint ``path`` (``encoder_state_dict``): a state
+    dict, or one under a ``state_dict`` key. A file that does not fit raises a one-line ``ValueError`` naming it."""
+    from monai_cxr_ssl.checkpoints import read_checkpoint
+
+    state = read_checkpoint(path, PRETRAINING_CHECKPOINT)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds a {type(state).__name__} that is not a state dict of tensors; expected "
+                         f"{PRETRAINING_CHECKPOINT}.")
+    target = model.state_dict()
+    try:
+        loaded = encoder_state_dict(state, target)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    model.load_state_dict({**target, **loaded})
+    head = "from the checkpoint" if any(k.startswith(_HEAD) for k in loaded) else "at its initialisation"
+    logger.info("Initialised the encoder from %s (%d tensors); the classification head is %s.", path, len(loaded),
+                head)
+
+
 class CXRDenseNet121(DenseNet121):
     """2D DenseNet121 returning ``num_classes`` logits (apply the sigmoid outside), optionally ImageNet-initialised.
 
@@ -119,6 +206,8 @@ class CXRDenseNet121(DenseNet121):
         in_channels: number of image channels (1 for grey chest X-rays).
         pretrained_weights: path of a local torchvision DenseNet121 ImageNet state dict, or None for random init.
             MONAI's ``pretrained=True`` (a download) is refused.
+        encoder_init: path of a pre-training checkpoint whose encoder initialises the network (``load_encoder``),
+            after the ImageNet weights; None for none.
         probabilities: end with a sigmoid, so the network returns per-class probabilities instead of logits. The
             sigmoid has no parameters: a checkpoint loads either way. Exported models use it, so that a deployed
             TorchScript file gives what its metadata promises.
@@ -131,6 +220,7 @@ class CXRDenseNet121(DenseNet121):
         in_channels: int = 1,
         pretrained_weights: str | os.PathLike | None = None,
         probabilities: bool = False,
+        encoder_init: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.pop("pretrained", False):
@@ -141,6 +231,8 @@ class CXRDenseNet121(DenseNet121):
         super().__init__(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, **kwargs)
         if pretrained_weights is not None:
             load_imagenet_weights(self, pretrained_weights)
+        if encoder_init is not None:
+            load_encoder(self, encoder_init)
         if probabilities:
             self.class_layers.add_module("sigmoid", nn.Sigmoid())
 

@@ -1,0 +1,221 @@
+"""The method registry: a toy method registered here (the teacher, then one "toy" stage: the fine-tune config plus an
+overlay written here) runs through the pipeline, the comparison of its MLflow runs and export without any change to
+the package; a toy pre-training stage initialises its teacher's encoder; ``load_encoder`` maps a real teacher
+checkpoint onto ``CXRDenseNet121``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_cxr_ssl import methods
+from monai_cxr_ssl.methods import TEACHER_STAGE, Method, Pretraining, StageKind, evaluation
+
+TOY_COLUMN = "toy model"
+TOY_LEARNING_RATE = 5e-5  # the overlay's one setting, to see that the toy stage, and only it, merged it
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A toy method and a toy pre-training stage in the registry for this module's tests, taken out after them."""
+    overlay = tmp_path_factory.mktemp("toy_method") / "toy.json"
+    overlay.write_text(json.dumps({"stage": "toy", "init_stage": TEACHER_STAGE, "learning_rate": TOY_LEARNING_RATE}))
+    kind = StageKind("toy", ("train.json", "finetune.json", str(overlay)), reads="init_stage",
+                     epochs="finetune_epochs")
+    method = Method("toy", "teacher → toy fine-tune", (kind,),
+                    steps=lambda rounds: [kind.step("toy", TEACHER_STAGE), evaluation("toy", kind, TOY_COLUMN)])
+    # the "pre-training" is a teacher run: its checkpoint has the encoder the mapping must find
+    pretraining = Pretraining(StageKind("toy_pretrain", ("train.json",)), "a supervised run as pre-training")
+    methods.register(method)
+    methods.register(pretraining)
+    try:
+        yield method
+    finally:
+        methods.unregister("toy")
+        methods.unregister("toy_pretrain")
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    from monai_cxr_ssl.data import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("methods")
+    data = make_synthetic_dataset(root / "data", n_train=40, n_test=16, image_size=40, prevalence=0.4, seed=3)
+    return {
+        "dataset_dir": str(data), "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment_name": "methods",
+        "image_size": 40, "crop_size": 32, "batch_size": 8, "labeled_fraction": 0.5, "num_workers": 0,
+        "num_epochs": 1, "output_dir": str(root / "toy"),
+    }
+
+
+@pytest.fixture(scope="module")
+def toy_run(toy, settings):
+    """The toy method after the toy pre-training, run once (5 tiny stages). The teacher barely moves (learning rate
+    1e-12): its weights show where it started, at the pre-training's weights (which moved from the common
+    initialisation by about their learning rate per step)."""
+    from monai_cxr_ssl.pipeline import Pipeline
+
+    overrides = {**settings, "method": "toy", "pretrain": "toy_pretrain", "teacher:learning_rate": 1e-12}
+    lines = []
+    results = Pipeline(["demo"], overrides, echo=lines.append).run()
+    return results, lines, overrides
+
+
+def test_pretrain_and_method_names_are_checked():  # first: before the toy entries are registered
+    with pytest.raises(ValueError, match="no pre-training stage is registered yet"):
+        methods.plan(pretrain="simclr")
+    with pytest.raises(ValueError, match=r"method must be one of \['teacher_student', 'mean_teacher'\], got 'gan'"):
+        methods.plan(method="gan")
+
+
+def test_the_registry_lists_the_toy_method_while_it_is_registered(toy, capsys):
+    from monai_cxr_ssl.cli import build_parser, main
+    from monai_cxr_ssl.pipeline import split_overrides
+
+    assert methods.names()[-1] == "toy" and "toy_pretrain" in methods.pretraining_names()
+    assert methods.named_configs()["toy"][-1].endswith("toy.json")
+    _, per_kind = split_overrides({"toy:num_epochs": 2, "toy_pretrain:seed": 1})
+    assert per_kind["toy"] == {"num_epochs": 2} and per_kind["toy_pretrain"] == {"seed": 1}
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--help"])
+    pipeline_help = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+    assert "toy: teacher → toy fine-tune" in pipeline_help
+    assert "toy_pretrain: a supervised run as pre-training" in pipeline_help
+    assert "kinds: toy_pretrain, teacher, pseudo_label, student, finetune, mean_teacher, toy, evaluate" in pipeline_help
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compare", "x", "--method", "nope"])
+    assert parser.parse_args(["compare", "x", "--method", "toy"]).method == "toy"
+    with pytest.raises(ValueError, match="'toy' is registered already"):
+        methods.register(toy)
+
+
+@pytest.mark.slow
+def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy_run, settings, tmp_path):
+    import mlflow
+
+    from monai_cxr_ssl.compare import evaluation_runs, run_compare
+    from monai_cxr_ssl.export import export_model
+    from monai_cxr_ssl.pipeline import Pipeline
+
+    results, lines, overrides = toy_run
+    out = Path(settings["output_dir"])
+    assert [line.split("] ", 1)[1] for line in lines if line.startswith("[")] == [
+        "toy_pretrain: running", "teacher: running", "teacher/evaluate: running", "toy: running",
+        "toy/evaluate: running"]
+    assert (results["method"], results["pretrain"]) == ("toy", "toy_pretrain")
+    assert list(results["auroc"]) == ["teacher", TOY_COLUMN]
+    for column, stage in (("teacher", "teacher"), (TOY_COLUMN, "toy")):  # the evaluation reports behind them
+        report = json.loads((out / stage / "test_metrics.json").read_text())
+        assert results["auroc"][column] == report["mean_auroc"]
+    toy_config = json.loads((out / "toy" / "config_executed.json").read_text())
+    teacher_config = json.loads((out / "teacher" / "config_executed.json").read_text())
+    assert toy_config["learning_rate"] == TOY_LEARNING_RATE and teacher_config["learning_rate"] != TOY_LEARNING_RATE
+    assert json.loads((out / "toy" / ".toy.done.json").read_text())["inputs"].keys() == {"teacher"}
+    assert (out / "table1.md").read_text().splitlines()[0] == f"| labeled | seeds | teacher | {TOY_COLUMN} |"
+
+    # the pre-training's checkpoint initialised the teacher; a re-made pre-training would re-run it
+    pretrained = torch.load(out / "toy_pretrain" / "models" / "model.pt", weights_only=True)
+    teacher = torch.load(out / "teacher" / "models" / "model.pt", weights_only=True)
+    for key in ("features.conv0.weight", "features.denseblock4.denselayer16.layers.conv2.weight",
+                "class_layers.out.weight"):
+        torch.testing.assert_close(teacher[key], pretrained[key], atol=1e-8, rtol=0)
+    assert teacher_config["encoder_init"] == "$os.path.join(@output_dir, 'toy_pretrain', 'models/model.pt')"
+    assert json.loads((out / "teacher" / ".train.done.json").read_text())["inputs"].keys() == {"toy_pretrain"}
+
+    # compare reads the real MLflow runs: the toy stage's evaluation is the toy method's column
+    runs = evaluation_runs(["methods"], tracking_uri=settings["tracking_uri"])
+    assert dict(zip(runs["stage"], runs["column"], strict=True)) == {"teacher": "teacher", "toy": TOY_COLUMN}
+    compared = run_compare(["methods"], tmp_path / "compare", method="toy", tracking_uri=settings["tracking_uri"],
+                           log_summary=False)
+    (row,) = compared["rows"]
+    assert list(row) == ["labeled_fraction", "teacher", TOY_COLUMN]
+    assert row[TOY_COLUMN]["mean"] == pytest.approx(results["auroc"][TOY_COLUMN]) and row[TOY_COLUMN]["n"] == 1
+    other = run_compare(["methods"], tmp_path / "other", method=methods.DEFAULT_METHOD,
+                        tracking_uri=settings["tracking_uri"], log_summary=False)
+    assert list(other["rows"][0]) == ["labeled_fraction", "teacher"]  # the toy stage is no other method's
+    tags = mlflow.MlflowClient(tracking_uri=settings["tracking_uri"]).get_run(results["run_id"]).data.tags
+    assert (tags["method"], tags["pretrain"]) == ("toy", "toy_pretrain")
+
+    # export takes the toy stage, the method's last model
+    meta = export_model(out, tmp_path / "model.ts", ood_images=0)
+    assert (meta["cxr_ssl"]["stage"], meta["cxr_ssl"]["method"]) == ("toy", "toy")
+    assert meta["cxr_ssl"]["source_run_id"] == results["runs"]["toy"]
+
+    # the same pipeline again: every stage is done (the stage keys do not depend on the run)
+    again = []
+    Pipeline(["demo"], overrides, echo=again.append).run()
+    assert [line for line in again if line.startswith("[")] and all(
+        "done earlier" in line for line in again if line.startswith("["))
+
+
+def test_unknown_pretraining_names_the_registered_ones(toy):
+    with pytest.raises(ValueError, match=r"pretrain must be one of \['toy_pretrain'\], got 'simclr'"):
+        methods.plan(method="toy", pretrain="simclr")
+
+
+@pytest.mark.slow
+def test_encoder_of_a_real_teacher_checkpoint_is_mapped(toy_run, settings, tmp_path):
+    from monai_cxr_ssl.networks import CXRDenseNet121, load_encoder
+
+    path = f"{settings['output_dir']}/toy_pretrain/models/model.pt"  # a real (1-epoch) run of the teacher config
+    teacher = torch.load(path, weights_only=True)
+    features = {k: v for k, v in teacher.items() if k.startswith("features.")}
+
+    torch.manual_seed(1)
+    net = CXRDenseNet121(num_classes=3)  # another head: it keeps its initialisation
+    head = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("class_layers.")}
+    load_encoder(net, path)
+    state = net.state_dict()
+    for key, value in features.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    for key, value in head.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+    # wrapped keys (a DDP-wrapped SimCLR encoder without "features."), a projection head, and a 3-channel first conv
+    conv0 = teacher["features.conv0.weight"]
+    wrapped = {"module.encoder." + k.removeprefix("features."): v for k, v in features.items()}
+    wrapped["module.encoder.conv0.weight"] = conv0.repeat(1, 3, 1, 1) / 3  # an RGB kernel seeing grey as before
+    wrapped["module.projection.0.weight"] = torch.zeros(128, 1024)
+    torch.save(wrapped, tmp_path / "simclr.pt")
+    net = CXRDenseNet121(num_classes=1)
+    load_encoder(net, tmp_path / "simclr.pt")
+    state = net.state_dict()
+    torch.testing.assert_close(state["features.conv0.weight"], conv0)  # _adapt_first_conv sums the RGB kernels
+    for key, value in features.items():
+        if key != "features.conv0.weight":
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+    # a checkpoint with the same head (the teacher's own) gives the teacher back
+    net = CXRDenseNet121(num_classes=1)
+    load_encoder(net, path)
+    for key, value in teacher.items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_encoder_checkpoints_that_do_not_fit_are_one_line_errors(toy_run, settings, tmp_path):
+    from monai_cxr_ssl.networks import CXRDenseNet121, load_encoder
+
+    teacher = torch.load(f"{settings['output_dir']}/toy_pretrain/models/model.pt", weights_only=True)
+    net = CXRDenseNet121(num_classes=1)
+    cases = {
+        "nothing.pt": ({"projection.weight": torch.zeros(2, 2)}, "no key maps onto the network's feature layers"),
+        "partial.pt": ({k: v for k, v in teacher.items() if "denseblock4" not in k},
+                       r"does not fit the network's feature layers: missing \(\d+\): features.denseblock4"),
+        "shape.pt": ({**teacher, "features.norm5.weight": torch.zeros(7)}, r"shape mismatch \(1\): features.norm5"),
+        "twice.pt": ({**teacher, "module.features.norm5.bias": teacher["features.norm5.bias"]},
+                     "both map onto features.norm5.bias"),
+        "list.pt": ([1, 2], "not a state dict of tensors"),
+    }
+    for name, (content, message) in cases.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(ValueError, match=message) as info:
+            load_encoder(net, tmp_path / name)
+        assert str(info.value).startswith(str(tmp_path / name)) and "\n" not in str(info.value)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint.*pre-training checkpoint"):
+        load_encoder(net, tmp_path / "garbage.pt")
