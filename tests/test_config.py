@@ -20,7 +20,7 @@ from monai_cxr_ssl.data import make_synthetic_dataset
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, NAMED_CONFIGS, OVERLAYS_DIR, make_workflow, resolve_configs
 
 CONFIGS = DEFAULT_BUNDLE / "configs"
-TINY = {"image_size": 40, "crop_size": 32, "batch_size": 8, "num_workers": 0, "cache_rate": 1.0,
+TINY = {"image_size": 32, "crop_size": 32, "batch_size": 8, "num_workers": 0, "cache_rate": 1.0,
         "labeled_fraction": 0.5, "num_epochs": 1}
 
 
@@ -95,7 +95,7 @@ def runs(tmp_path_factory):
     """Teacher (with ``--set learning_rate``), its evaluation, pseudo-labels and the mean teacher, run once through
     the CLI on tiny generated data; returns the settings and the MLflow runs by name."""
     root = tmp_path_factory.mktemp("config")
-    data = make_synthetic_dataset(root / "data", n_train=40, n_test=12, image_size=40, prevalence=0.4, seed=3)
+    data = make_synthetic_dataset(root / "data", n_train=40, n_test=8, image_size=32, prevalence=0.4, seed=3)
     settings = {**TINY, "dataset_dir": str(data), "output_dir": str(root / "out"), "experiment_name": "params",
                 "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "learning_rate": 0.0005,
                 "datasource": {"_target_": "monai_cxr_ssl.data.ClassFolders", "root": "@dataset_dir",
@@ -142,7 +142,7 @@ def test_params_are_the_settings_the_stage_uses(runs):
     evaluation = by_name[f"teacher{suffix}-evaluate"].data.params
     assert evaluation["checkpoint"] == str(Path(settings["output_dir"]) / "teacher" / "models" / "model.pt")
     assert evaluation["eval_split"] == "test" and evaluation["tta"] == "ten_crop" and evaluation["stage"] == "teacher"
-    assert evaluation["image_size"] == "40" and evaluation["num_epochs"] == "1"
+    assert evaluation["image_size"] == "32" and evaluation["num_epochs"] == "1"
     assert not {"ckpt_path", "flip_prob", "keep_fraction", "val_interval"} & evaluation.keys()
 
     pseudo = by_name[f"pseudo_label{suffix}"].data.params
