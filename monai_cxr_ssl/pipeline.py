@@ -27,10 +27,9 @@ from typing import Any
 
 import mlflow
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from monai.bundle import ConfigParser
-from monai.bundle.reference_resolver import ReferenceResolver
 
 from monai_cxr_ssl import methods
+from monai_cxr_ssl.config_items import used_config
 from monai_cxr_ssl.locking import output_lock
 from monai_cxr_ssl.methods import Step, evaluation, plan, teacher_steps
 from monai_cxr_ssl.results import coverage, format_table1, table1, table1_notes
@@ -45,12 +44,6 @@ __all__ = [
 
 # Settings of the pipeline itself rather than of a stage's config.
 PIPELINE_OPTIONS = ("method", "rounds", "pretrain")
-# Settings that change where or how fast results are made, not the results: they do not re-run stages. The dataset
-# folder is one: the split file's fingerprint of image ids and labels stops any stage if the data itself differs.
-BOOKKEEPING_IDS = frozenset(
-    {"bundle_root", "tracking_uri", "experiment_name", "run_name", "run_suffix", "executed_config", "device",
-     "num_workers", "cache_rate", "resume", "dataset_dir", "mlflow_run_record", "mlflow_parent_run_id"}
-)
 _KIND_OVERRIDE = re.compile(r"(\w+):(?!:)(.+)")
 
 
@@ -68,23 +61,6 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
         else:
             raise ValueError(f"override {key!r}: unknown stage {match[1]!r}; stage prefixes are {kinds}.")
     return common, per_kind
-
-
-def used_config(parser: ConfigParser, roots: Sequence[str] = ("initialize", "run", "finalize")) -> dict[str, Any]:
-    """The raw config items a workflow uses: those reachable by reference from ``roots``, minus bookkeeping ids.
-
-    Settings a stage never reads (another stage's κ, a pipeline option) are not in it, so changing them does not
-    re-run the stage. Returned JSON-normalised, ids sorted.
-    """
-    used: dict[str, Any] = {}
-    todo = [r for r in roots if r in parser]
-    while todo:
-        id_ = todo.pop()
-        if id_ in used or id_ in BOOKKEEPING_IDS or id_ not in parser:
-            continue
-        used[id_] = parser[id_]
-        todo += ReferenceResolver.find_refs_in_config(parser[id_], id_)
-    return json.loads(json.dumps(dict(sorted(used.items())), default=str))
 
 
 def _digest(value: Any) -> str:

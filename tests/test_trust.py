@@ -202,7 +202,7 @@ def test_specific_epochs_win_over_num_epochs():
     assert epochs("student") == 10 and epochs("finetune") == 15  # ... the paper's per-stage defaults otherwise
     assert epochs("train", num_epochs=3, student_epochs=2) == 3
     assert make_workflow(["student"], num_epochs=3, student_epochs=2).parser.get_parsed_content(
-        "hyperparameters#num_epochs") == 2  # MLflow records the stage's own count
+        "run_params#facts#num_epochs") == 2  # MLflow records the stage's own count
 
 
 # --- item 12: the pipeline checks every stage at its start --------------------------------------------------------

@@ -22,6 +22,7 @@ from monai_cxr_ssl.checkpoints import (
     read_provenance,
     write_provenance,
 )
+from monai_cxr_ssl.settings import STAGE_EPOCHS
 from monai_cxr_ssl.utils import disk_full_error, is_disk_full
 
 logger = logging.getLogger("monai_cxr_ssl")
@@ -154,15 +155,15 @@ class ResumableCheckpoint:
     handler back to the trainer. Attach it last in the trainer's handlers so the saved state
     includes that epoch's validation and learning-rate step.
 
-    ``settings`` (the stage's hyperparameters) and ``split_fingerprint`` are recorded in ``save_dir``'s
-    ``provenance.json`` when training starts. A ``last.pt`` is resumed only when it was made with the same settings
-    (``num_epochs`` may differ: a longer run continues, since every epoch is seeded on its own); otherwise the stage
-    stops, naming the settings that changed. With ``resume=False`` an earlier ``last.pt`` and best model are
-    deleted when training starts, and the stage starts over.
+    ``settings`` (the stage's params, ``monai_cxr_ssl.config_items.run_params``) and ``split_fingerprint`` are
+    recorded in ``save_dir``'s ``provenance.json`` when training starts. A ``last.pt`` is resumed only when it was
+    made with the same settings (the epoch counts may differ: a longer run continues, since every epoch is seeded on
+    its own); otherwise the stage stops, naming the settings that changed. With ``resume=False`` an earlier
+    ``last.pt`` and best model are deleted when training starts, and the stage starts over.
     """
 
-    # settings that may differ on resume: the epoch count, and where the data lives (its fingerprint is compared)
-    RESUMABLE_CHANGES = frozenset({"num_epochs", "datasource"})
+    # settings that may differ on resume: the epoch counts, and where the data lives (its fingerprint is compared)
+    RESUMABLE_CHANGES = frozenset({"num_epochs", *STAGE_EPOCHS, "datasource"})
 
     def __init__(
         self,

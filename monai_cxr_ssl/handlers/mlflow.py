@@ -32,7 +32,8 @@ class MLFlowRunHandler(MLFlowHandler):
     the run ends or is resumed, so training never waits for or fails on the tracking server.
 
     Args:
-        tracking_uri: as for ``MLFlowHandler`` (``MLFLOW_TRACKING_URI`` wins).
+        tracking_uri: as for ``MLFlowHandler`` (``MLFLOW_TRACKING_URI`` wins); with ``run_of``, run_of's (as are the
+            experiment and run names unless given).
         run_record: the JSON file recording the run; required unless ``run_of`` is given.
         resume: continue the recorded run (pass ``"$@train#checkpoint.resuming"``).
         parent_run_id: the run to nest a new run under (the pipeline's).
@@ -43,7 +44,7 @@ class MLFlowRunHandler(MLFlowHandler):
 
     def __init__(
         self,
-        tracking_uri: str,
+        tracking_uri: str | None = None,
         run_record: str | os.PathLike | None = None,
         resume: bool = False,
         parent_run_id: str | None = None,
@@ -55,8 +56,15 @@ class MLFlowRunHandler(MLFlowHandler):
             raise ValueError("MLFlowRunHandler: dataset_dict is not supported (it would log image ids to MLflow).")
         if (run_record is None) == (run_of is None):
             raise ValueError("MLFlowRunHandler: give either run_record (its own run) or run_of (another's run).")
+        if run_of is not None:
+            tracking_uri = tracking_uri or run_of.tracking_uri
+            kwargs.setdefault("experiment_name", run_of.experiment_name)
+            kwargs.setdefault("run_name", run_of.run_name)
+        if tracking_uri is None:
+            raise ValueError("MLFlowRunHandler: give tracking_uri (the MLflow store).")
         prepare_tracking(tracking_uri)  # before MLFlowHandler makes its client: that creates a SQLite store
         super().__init__(tracking_uri=tracking_uri, **kwargs)
+        self.tracking_uri = tracking_uri
         self.run_record = run_record
         self.resume = resume
         self.parent_run_id = parent_run_id
