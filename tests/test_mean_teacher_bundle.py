@@ -108,7 +108,8 @@ def test_the_teacher_is_the_ema_model_made_from_the_loaded_teacher_checkpoint(te
     root, settings = teacher
     init = settings["output_dir"] / "teacher" / "models" / "model.pt"
     out = root / "initialised"
-    overrides = {**settings, "output_dir": str(out), "init_ckpt": str(init), "bundle_root": str(cli.DEFAULT_BUNDLE)}
+    overrides = {**settings, "output_dir": str(out), "init_ckpt": str(init), "bundle_root": str(cli.DEFAULT_BUNDLE),
+                 "cache_rate": 0.0}  # nothing is trained: no need to cache the images
     workflow = make_workflow([str(CONFIGS / "train.json"), str(DEMO), str(CONFIGS / "mean_teacher.json")],
                              **{k: str(v) if not isinstance(v, int | float) else v for k, v in overrides.items()})
     with output_lock(out):

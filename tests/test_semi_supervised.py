@@ -115,8 +115,9 @@ def test_iteration_events_fire_in_order_with_the_labeled_prediction():
         trainer.add_event_handler(event, lambda e, ev=event: fired.append((ev, tuple(e.state.output["pred"].shape),
                                                                            "loss" in e.state.output)))
     trainer.run()
-    assert fired == [(IterationEvents.FORWARD_COMPLETED, (4, 2), False), (IterationEvents.LOSS_COMPLETED, (4, 2), True),
-                     (IterationEvents.BACKWARD_COMPLETED, (4, 2), True), (IterationEvents.MODEL_COMPLETED, (4, 2), True)]
+    events = IterationEvents
+    assert fired == [(events.FORWARD_COMPLETED, (4, 2), False), (events.LOSS_COMPLETED, (4, 2), True),
+                     (events.BACKWARD_COMPLETED, (4, 2), True), (events.MODEL_COMPLETED, (4, 2), True)]
 
 
 def test_a_method_without_the_hook_is_a_clear_error():

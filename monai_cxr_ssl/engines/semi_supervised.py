@@ -2,10 +2,11 @@
 
 MONAI's step is kept as it is (``SupervisedTrainer._iteration``: ``prepare_batch`` with ``to_kwargs`` and
 ``non_blocking``, amp with the GradScaler, ``optim_set_to_none``, ``compile``, gradient accumulation and the
-``IterationEvents``): the trainer only wraps the inferer and the loss function the step calls. The wrapped inferer
-takes the iteration's unlabeled batch and, when ``joint_key`` names an image of it, runs the student once on the
-labeled and those images together (so BatchNorm sees both); the wrapped loss adds what :meth:`unlabeled_loss`, the
-one hook a method implements, returns for the unlabeled batch. Both run inside the step's autocast.
+``IterationEvents``), not copied: the trainer draws the iteration's unlabeled batch when the iteration starts and
+wraps the inferer and the loss function the step calls. When ``joint_key`` names an image of the unlabeled batch,
+the wrapped inferer runs the student once on the labeled and those images together (so BatchNorm sees both); the
+wrapped loss adds what :meth:`unlabeled_loss`, the one hook a method implements, returns for the unlabeled batch.
+Both run inside the step's autocast.
 """
 
 from __future__ import annotations
