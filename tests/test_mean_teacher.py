@@ -227,3 +227,26 @@ def test_two_views_are_augmented_independently():
 def test_bernoulli_kl_is_zero_when_the_student_matches_the_targets():
     targets = torch.tensor([[0.2], [0.9]])
     assert float(BernoulliKLDivLoss()(torch.logit(targets), targets)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_resumed_run_restores_the_teacher_and_ends_where_a_straight_run_does():
+    def trainer(student, max_epochs):
+        return _trainer(student, _items(6, 1, labeled=False), max_epochs=max_epochs, epoch_length=2, ema_decay=0.9)
+
+    straight = trainer(_net(0), 3)
+    straight.run()
+    first = trainer(_net(0), 2)
+    first.run()
+    saved = copy.deepcopy({"network": first.network.state_dict(), "teacher": first.teacher_network.state_dict(),
+                           "trainer": first.state_dict()})
+    resumed = trainer(_net(5), 3)  # another start: everything must come from the checkpoint
+    resumed.network.load_state_dict(saved["network"])
+    resumed.teacher_network.load_state_dict(saved["teacher"])
+    resumed.load_state_dict(saved["trainer"])
+    resumed.state.max_epochs = 3  # the checkpoint ran to 2
+    resumed.run()  # the third epoch
+    assert resumed.state.epoch == 3 and resumed.state.iteration == 6
+    for net in ("network", "teacher_network"):
+        for (name, a), b in zip(getattr(resumed, net).state_dict().items(),
+                                getattr(straight, net).state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{net}.{name}")
