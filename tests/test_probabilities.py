@@ -60,11 +60,11 @@ def test_the_network_probability_layer_follows_the_function(exclusive):
     logits_net = CXRDenseNet121(num_classes=3).eval()
     probs_net = CXRDenseNet121(num_classes=3, probabilities=True, exclusive_classes=exclusive).eval()
     probs_net.load_state_dict(logits_net.state_dict())  # the layer has no parameters
-    x = torch.rand(2, 1, 64, 64)
+    x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(probs_net(x), probabilities(logits_net(x), exclusive))
-        scripted = torch.jit.script(probs_net)
-        torch.testing.assert_close(scripted(x), probs_net(x))
+        if exclusive:  # the sigmoid's TorchScript round trip is test_networks'
+            torch.testing.assert_close(torch.jit.script(probs_net)(x), probs_net(x))
 
 
 @pytest.mark.parametrize("exclusive", [False, True])
