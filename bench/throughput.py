@@ -4,7 +4,11 @@
    optimizer, loss, batches; in-memory data, so only the engine differs);
 2. inference: the bundle's evaluator with ``TenCropInferer`` vs a plain forward pass over the
    same ten crops, cut beforehand;
-3. data: the bundle's training pre-processing (decode, resize, augment) on the real Kermany JPEGs,
+3. mean teacher: the bundle's ``MeanTeacherTrainer`` (the semi-supervised trainer, its ``EMAHandler`` teacher)
+   vs a plain PyTorch loop doing the same work per iteration (teacher forward and AALS targets on the unlabeled
+   batch, one student forward on labeled + unlabeled images, BCE + Bernoulli KL, step, EMA of parameters and
+   float buffers), same networks and batches;
+4. data: the bundle's training pre-processing (decode, resize, augment) on the real Kermany JPEGs,
    against the training throughput at the same size.
 
 Prints images/s and ratios; asserts nothing.  Example (CPU size of the real-data benchmarks):
@@ -41,11 +45,17 @@ def bundle_parser(args: argparse.Namespace, *configs: str) -> ConfigParser:
     return parser
 
 
-def in_memory_loader(args: argparse.Namespace, size: int) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
+def in_memory_loader(args: argparse.Namespace, size: int, unlabeled: bool = False) -> DataLoader:
+    """Random images with labels, or (``unlabeled``) with a second view as ``image_teacher`` instead."""
+    g = torch.Generator().manual_seed(1 if unlabeled else 0)
     n = args.batch_size * args.iterations
-    items = [{"image": torch.rand(1, size, size, generator=g), "label": torch.randint(0, 2, (1,)).float()}
-             for _ in range(n)]
+    if unlabeled:
+        items = [{"image": torch.rand(1, size, size, generator=g), "image_teacher": torch.rand(1, size, size,
+                                                                                              generator=g)}
+                 for _ in range(n)]
+    else:
+        items = [{"image": torch.rand(1, size, size, generator=g), "label": torch.randint(0, 2, (1,)).float()}
+                 for _ in range(n)]
     return DataLoader(Dataset(items), batch_size=args.batch_size, shuffle=False, num_workers=0)
 
 
@@ -87,6 +97,54 @@ def bench_training(args: argparse.Namespace) -> float:
     print(f"training   plain PyTorch loop : {n / plain_s:8.1f} images/s")
     print(f"training   bundle trainer     : {n / engine_s:8.1f} images/s   engine/plain = {plain_s / engine_s:.3f}")
     return n / engine_s
+
+
+def bench_mean_teacher(args: argparse.Namespace) -> None:
+    from monai_cxr_ssl.losses import BernoulliKLDivLoss
+    from monai_cxr_ssl.sharpening import aals
+
+    loader, unlabeled = in_memory_loader(args, args.crop_size), in_memory_loader(args, args.crop_size, unlabeled=True)
+    parser = bundle_parser(args, "train.json", "mean_teacher.json")
+    parser["train#dataloader"], parser["train#unlabeled#dataloader"] = loader, unlabeled
+    parser["train#handlers"] = []  # the trainer keeps its EMA handler
+    parser["rampup_epochs"] = 0  # the full consistency weight from the start, as in the plain loop
+    trainer = parser.get_parsed_content("train#trainer")
+    network, teacher, optimizer, loss_fn = (parser.get_parsed_content(k)
+                                            for k in ("network", "teacher_network", "optimizer", "loss"))
+    alpha, weight, t, a0 = (parser.get_parsed_content(k) for k in ("ema_decay", "consistency_weight", "aals_t",
+                                                                     "aals_a0"))
+    kl = BernoulliKLDivLoss()
+
+    def plain():
+        network.train()
+        teacher.eval()
+        for batch, extra in zip(loader, unlabeled, strict=True):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                targets = aals(torch.sigmoid(teacher(extra["image_teacher"])), t, a0)
+            logits = network(torch.cat([batch["image"], extra["image"]]))
+            n = len(batch["image"])
+            loss = loss_fn(logits[:n], batch["label"]) + weight * kl(logits[n:], targets)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for t_p, s_p in zip(teacher.parameters(), network.parameters(), strict=True):
+                    t_p.mul_(alpha).add_(s_p, alpha=1.0 - alpha)
+                for t_b, s_b in zip(teacher.buffers(), network.buffers(), strict=True):
+                    if t_b.dtype.is_floating_point:
+                        t_b.mul_(alpha).add_(s_b, alpha=1.0 - alpha)
+                    else:
+                        t_b.copy_(s_b)
+
+    def engine():
+        trainer.state.max_epochs = trainer.state.epoch + 1  # one more full epoch on every call
+        trainer.run()
+
+    n = len(loader.dataset)
+    plain_s, engine_s = timed_pair(plain, engine, args.repeats)
+    print(f"mean-teacher plain PyTorch loop : {n / plain_s:8.1f} images/s (labeled, + as many unlabeled)")
+    print(f"mean-teacher bundle trainer     : {n / engine_s:8.1f} images/s   engine/plain = "
+          f"{plain_s / engine_s:.3f}")
 
 
 def bench_tta(args: argparse.Namespace) -> None:
@@ -145,6 +203,7 @@ def main() -> None:
           f"batch {args.batch_size}")
     train_rate = bench_training(args)
     bench_tta(args)
+    bench_mean_teacher(args)
     bench_data(args, train_rate)
 
 

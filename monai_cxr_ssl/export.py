@@ -1,7 +1,8 @@
 """Export a trained model to TorchScript with the bundle's metadata embedded, ready for MONAI Deploy.
 
-The exported network ends with a sigmoid (``CXRDenseNet121(probabilities=True)``, no extra parameters), so the file
-returns what its metadata promises: per-class probabilities of a ``(B, 1, crop, crop)`` image in [0, 1]; its
+The exported network ends with its probability layer (``CXRDenseNet121(probabilities=True)``: a sigmoid per class,
+or a softmax when the stage's ``exclusive_classes`` is true; no extra parameters), so the file returns what its
+metadata promises: per-class probabilities of a ``(B, 1, crop, crop)`` image in [0, 1]; its
 ``pooled_features`` method gives the 1024-d features behind them. The bundle's ``metadata.json`` is specialised for
 the model (class names, crop size) and gets a ``cxr_ssl`` block with what a runtime needs beyond the network: the
 resize before the ten crops, the class names, the decision thresholds, the out-of-distribution threshold
@@ -192,11 +193,12 @@ def checkpoint_thresholds(ckpt_path: str | os.PathLike, class_names: Sequence[st
     return _thresholds(stage, list(class_names), "youden")[0]
 
 
-def _network(num_classes: int, state: dict[str, torch.Tensor], ckpt: Path) -> torch.nn.Module:
-    """The bundle's network with the checkpoint's weights, in eval mode, ending with the sigmoid."""
+def _network(num_classes: int, state: dict[str, torch.Tensor], ckpt: Path, exclusive_classes: bool = False,
+             ) -> torch.nn.Module:
+    """The bundle's network with the checkpoint's weights, in eval mode, ending with its probability layer."""
     from monai_cxr_ssl.networks import CXRDenseNet121
 
-    net = CXRDenseNet121(num_classes=num_classes, probabilities=True)
+    net = CXRDenseNet121(num_classes=num_classes, probabilities=True, exclusive_classes=exclusive_classes)
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
@@ -289,6 +291,9 @@ def model_metadata(
         if num_classes != len(classes):
             raise ValueError(f"{stage_dir}: num_classes {num_classes} but {split_file} names {len(classes)}.")
     thresholds, threshold_source = _thresholds(stage_dir, classes, threshold)
+    exclusive = config_value(config, "exclusive_classes", source) if "exclusive_classes" in config else False
+    if not isinstance(exclusive, bool):
+        raise ValueError(f"{source}: exclusive_classes is {exclusive!r}, expected true or false.")
 
     meta = read_json(DEFAULT_BUNDLE / "configs" / "metadata.json", "bundle metadata", "reinstall monai-cxr-ssl")
     image = meta["network_data_format"]["inputs"]["image"]
@@ -296,7 +301,8 @@ def model_metadata(
     image["spatial_shape"] = [crop_size, crop_size]
     pred.update(num_channels=len(classes), spatial_shape=[len(classes)],
                 channel_def={str(k): name for k, name in enumerate(classes)})
-    meta["label_classes"] = "one sigmoid probability per class: " + ", ".join(classes)
+    meta["label_classes"] = ("softmax probabilities of mutually exclusive classes: " if exclusive
+                             else "one sigmoid probability per class: ") + ", ".join(classes)
     meta["cxr_ssl"] = {
         "classes": classes,
         "image_size": image_size,
@@ -304,6 +310,7 @@ def model_metadata(
         "test_time_augmentation": "ten_crop",
         "thresholds": thresholds,
         "thresholds_source": threshold_source,
+        **({"exclusive_classes": True} if exclusive else {}),
         **(info or {}),
     }
     return meta
@@ -335,7 +342,8 @@ def export_model(
     meta = model_metadata(stage_dir, config, info, threshold, source)
     ckpt = stage_dir / "models" / "model.pt"
     info = meta["cxr_ssl"]
-    net = _network(len(info["classes"]), read_state_dict(ckpt), ckpt)
+    exclusive = info.get("exclusive_classes", False)
+    net = _network(len(info["classes"]), read_state_dict(ckpt), ckpt, exclusive)
     stats = None
     if ood_images:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -345,7 +353,7 @@ def export_model(
     inference = read_json(Path(bundle) / "configs" / EMBEDDED_CONFIG, "bundle inference config",
                           "reinstall monai-cxr-ssl")
     inference.update(num_classes=len(info["classes"]), image_size=info["image_size"], crop_size=info["crop_size"],
-                     class_names=info["classes"])
+                     class_names=info["classes"], exclusive_classes=exclusive)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:

@@ -168,7 +168,8 @@ class PseudoLabelFileWriter:
             )
         values = values.reshape(num_rows, self._num_classes)
         if not np.all((values >= 0) & (values <= 1)):
-            raise ValueError(f"{self.path}: {what} must lie in [0, 1] (did the post-processing apply the sigmoid?).")
+            raise ValueError(f"{self.path}: {what} must lie in [0, 1] (did the post-processing turn the logits into "
+                             "probabilities? see monai_cxr_ssl.probabilities).")
         return values
 
     def commit(self) -> None:

@@ -100,7 +100,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "aals_a0": _rule(lambda v: _number(v) and v >= 1, "a number >= 1"),
     "aals_per_image": _BOOL,
     "report_true_labels": _BOOL,
-    "ema_decay": _interval(0, 1, True, False),
+    "ema_decay": _interval(0, 1, False, False),
     "consistency_weight": _NON_NEGATIVE,
     "rampup_epochs": _whole(0),
     "separate_views": _BOOL,

@@ -38,7 +38,8 @@ def test_matches_mean_of_separate_forwards(net):
     with torch.no_grad():
         logits = TenCropInferer(crop_size=(8, 6))(images, net)
         assert net.batch_sizes == [20]  # one batched forward over all crops
-        separate = torch.stack([torch.sigmoid(net(crop)) for crop in ten_crop(images, (8, 6))])
+        separate = torch.stack([1 / (1 + torch.exp(-net(crop))) for crop in _crops_by_hand(images)])
+        assert all(torch.equal(a, b) for a, b in zip(ten_crop(images, (8, 6)), _crops_by_hand(images), strict=True))
     assert logits.shape == (2, K)
     torch.testing.assert_close(logits, torch.logit(separate.mean(0)), atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.sigmoid(logits), ten_crop_probabilities(images, net, (8, 6)), atol=1e-6, rtol=0)
@@ -74,3 +75,24 @@ def test_inside_supervised_evaluator(net):
     pred = torch.as_tensor(outputs[1])
     assert pred.shape == (2, K)
     torch.testing.assert_close(pred, expected, atol=1e-5, rtol=0)
+
+
+def _crops_by_hand(images: torch.Tensor) -> list[torch.Tensor]:
+    """The ten (8, 6) crops of a (12, 10) batch, sliced by hand: corners, centre (offset 2, 2), then their flips."""
+    five = [images[..., 0:8, 0:6], images[..., 0:8, 4:10], images[..., 4:12, 0:6], images[..., 4:12, 4:10],
+            images[..., 2:10, 2:8]]
+    return five + [c.flip(-1) for c in five]
+
+
+def test_exclusive_classes_average_softmax_probabilities(net):
+    images = torch.randn(2, 1, 12, 10)
+    with torch.no_grad():
+        logits = TenCropInferer(crop_size=(8, 6), exclusive_classes=True)(images, net)
+        probs = [net(c).exp() / net(c).exp().sum(dim=1, keepdim=True) for c in _crops_by_hand(images)]
+    expected = torch.stack(probs).mean(0)
+    # the post-processing's softmax of the returned logits gives back the ten-crop mean softmax probability
+    torch.testing.assert_close(torch.softmax(logits, dim=1), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ten_crop_probabilities(images, net, (8, 6), exclusive_classes=True), expected,
+                               atol=1e-6, rtol=0)
+    sigmoid_mean = torch.stack([torch.sigmoid(net(c)) for c in _crops_by_hand(images)]).mean(0).detach()
+    assert not torch.allclose(expected, sigmoid_mean, atol=1e-3)  # a different answer from the default

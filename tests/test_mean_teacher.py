@@ -13,7 +13,7 @@ from monai.data import DataLoader
 from monai.handlers import ROCAUC, from_engine
 from monai.transforms import Compose, RandFlipd, RandGaussianNoised
 
-from monai_cxr_ssl.engines import MeanTeacherEvaluator, MeanTeacherTrainer, check_ema_decay, ema_update, sigmoid_rampup
+from monai_cxr_ssl.engines import MeanTeacherEvaluator, MeanTeacherTrainer, check_ema_decay, sigmoid_rampup, teacher_ema
 from monai_cxr_ssl.handlers import BestCheckpoint
 from monai_cxr_ssl.losses import BernoulliKLDivLoss
 from monai_cxr_ssl.sharpening import aals
@@ -39,36 +39,43 @@ def _items(n: int, seed: int, labeled: bool = True, **extra) -> list[dict]:
     return items
 
 
-def _trainer(student, teacher, unlabeled, max_epochs=1, epoch_length=1, **kwargs) -> MeanTeacherTrainer:
+def _trainer(student, unlabeled, max_epochs=1, epoch_length=1, ema_decay=0.999, loss_function=None, lr=0.1,
+             **kwargs) -> MeanTeacherTrainer:
+    """The trainer as the bundle wires it: the teacher is the ``ema_model`` of a ``teacher_ema`` handler."""
+    ema = teacher_ema(student, ema_decay)
     return MeanTeacherTrainer(
-        teacher_network=teacher, unlabeled_data_loader=DataLoader(unlabeled, batch_size=4), device=torch.device("cpu"),
-        max_epochs=max_epochs, epoch_length=epoch_length, train_data_loader=DataLoader(_items(8, 0), batch_size=4),
-        network=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
-        loss_function=torch.nn.BCEWithLogitsLoss(), decollate=False, **kwargs,
+        teacher_network=ema.ema_model, unlabeled_data_loader=DataLoader(unlabeled, batch_size=4),
+        device=torch.device("cpu"), max_epochs=max_epochs, epoch_length=epoch_length,
+        train_data_loader=DataLoader(_items(8, 0), batch_size=4), network=student,
+        optimizer=torch.optim.SGD(student.parameters(), lr=lr),
+        loss_function=loss_function or torch.nn.BCEWithLogitsLoss(), decollate=False, train_handlers=[ema], **kwargs,
     )
 
 
-def test_ema_update_blends_parameters_and_float_buffers():
-    teacher, student = _net(0), _net(1)
+def test_teacher_ema_blends_parameters_and_float_buffers():
+    student = _net(0)
+    ema = teacher_ema(student, 0.75)
+    teacher, before = ema.ema_model, copy.deepcopy(student)  # the teacher starts as a copy of the student
+    student.load_state_dict(_net(1).state_dict())
     student[1].running_mean.fill_(2.0)
     student[1].num_batches_tracked.fill_(7)
-    before = copy.deepcopy(teacher)
-    ema_update(teacher, student, 0.75)
+    engine = Engine(lambda e, batch: None)
+    ema.attach(engine)
+    engine.run([0], max_epochs=1)  # one iteration: one update
     for t, b, s in zip(teacher.parameters(), before.parameters(), student.parameters(), strict=True):
         torch.testing.assert_close(t, 0.75 * b + 0.25 * s)
     torch.testing.assert_close(teacher[1].running_mean, 0.75 * before[1].running_mean + 0.25 * 2.0)
-    assert int(teacher[1].num_batches_tracked) == 7
-    ema_update(teacher, student, 0.0)  # α = 0: the teacher becomes the student
-    for t, s in zip(teacher.state_dict().values(), student.state_dict().values(), strict=True):
-        torch.testing.assert_close(t, s)
+    torch.testing.assert_close(teacher[1].running_var, 0.75 * before[1].running_var + 0.25 * student[1].running_var)
+    assert int(teacher[1].num_batches_tracked) == 7  # the batch counter follows the student's
+    assert teacher is not student and not any(p.requires_grad for p in teacher.parameters())
 
 
-@pytest.mark.parametrize("alpha", [-0.1, 1.0, 1.5])
-def test_ema_decay_outside_unit_interval_is_rejected(alpha):
-    with pytest.raises(ValueError, match=r"ema_decay .* must be in \[0, 1\)"):
+@pytest.mark.parametrize("alpha", [-0.1, 0.0, 1.0, 1.5])
+def test_ema_decay_outside_open_unit_interval_is_rejected(alpha):
+    with pytest.raises(ValueError, match=r"ema_decay .* must be in \(0, 1\)"):
         check_ema_decay(alpha)
     with pytest.raises(ValueError, match="ema_decay"):
-        _trainer(_net(), _net(), _items(4, 1, labeled=False), ema_decay=alpha)
+        _trainer(_net(), _items(4, 1, labeled=False), ema_decay=alpha)
 
 
 def test_sigmoid_rampup():
@@ -80,8 +87,8 @@ def test_sigmoid_rampup():
 
 def test_one_iteration_combines_the_losses_and_updates_the_teacher_as_an_ema():
     student = _net(0)
-    teacher = copy.deepcopy(student)
-    trainer = _trainer(student, teacher, _items(6, 1, labeled=False), ema_decay=0.9, consistency_weight=2.0)
+    trainer = _trainer(student, _items(6, 1, labeled=False), ema_decay=0.9, consistency_weight=2.0)
+    teacher = trainer.teacher_network
     start = copy.deepcopy(student)
     trainer.run()
     out = trainer.state.output
@@ -95,8 +102,7 @@ def test_one_iteration_combines_the_losses_and_updates_the_teacher_as_an_ema():
 
 
 def test_distillation_targets_are_the_sharpened_teacher_predictions():
-    student, teacher = _net(0), _net(1)
-    trainer = _trainer(student, teacher, _items(4, 1, labeled=False), aals_t=0.3, aals_a0=8.0)
+    trainer = _trainer(_net(0), _items(4, 1, labeled=False), aals_t=0.3, aals_a0=8.0)
     probs = torch.tensor([[0.1], [0.35], [0.6], [0.99]])
     targets, stats = trainer.sharpened_targets(probs, None)
     torch.testing.assert_close(targets, aals(probs, 0.3, 8.0))
@@ -109,13 +115,10 @@ def test_distillation_targets_are_the_sharpened_teacher_predictions():
     assert stats["aals_raised"] == 1.0 and stats["aals_a"] == pytest.approx(8.0 - 7.0 * 0.35)
 
 
-def test_consistency_loss_pulls_the_student_to_the_teacher_with_the_ramp_up():
+def test_consistency_weight_ramps_up_over_the_epochs():
     student = _net(0)
-    teacher = copy.deepcopy(student)
-    trainer = _trainer(student, teacher, _items(6, 1, labeled=False), max_epochs=3, epoch_length=5, rampup_epochs=3,
+    trainer = _trainer(student, _items(6, 1, labeled=False), max_epochs=3, epoch_length=5, rampup_epochs=3,
                        aals_a0=1.0)
-    losses = Average(output_transform=lambda o: o["consistency_loss"])
-    losses.attach(trainer, "consistency_loss")
     weight = Average(output_transform=lambda o: o["consistency_weight"])
     weight.attach(trainer, "consistency_weight")
     raised = Average(output_transform=lambda o: o["aals_raised"])
@@ -123,15 +126,50 @@ def test_consistency_loss_pulls_the_student_to_the_teacher_with_the_ramp_up():
     history = []
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: history.append(dict(e.state.metrics)))
     trainer.run()  # 5 iterations an epoch: the 2-batch unlabeled loader is cycled
-    assert [h["consistency_weight"] for h in history] == sorted(h["consistency_weight"] for h in history)
-    assert history[0]["consistency_weight"] < 0.2
+    # iteration i (from 0) of 15 ramps up as exp(−5 (1 − i/15)²); each epoch logs the mean of its five
+    by_hand = [sum(math.exp(-5 * (1 - i / 15) ** 2) for i in range(5 * e, 5 * e + 5)) / 5 for e in range(3)]
+    assert [h["consistency_weight"] for h in history] == pytest.approx(by_hand)
+    assert by_hand[0] < 0.2 < by_hand[2]
     assert all(h["aals_raised"] == 0.0 for h in history)  # a0 = 1: no sharpening
-    # student and teacher start equal, so the first distillation loss is small but positive (different BN modes)
-    assert all(h["consistency_loss"] >= 0 for h in history)
+
+
+def _plain_net(seed: int) -> torch.nn.Module:
+    """No BatchNorm: the same output in train and eval mode, so the pull can be measured outside the trainer."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 1))
+
+
+def _aals_by_hand(p: torch.Tensor, t: float = 0.4, a0: float = 4.0) -> torch.Tensor:
+    a = a0 - (a0 - 1) * p
+    z = a * torch.log(p / (1 - p)) + (1 - a) * math.log(t / (1 - t))
+    return torch.maximum(1 / (1 + torch.exp(-z)), p)
+
+
+def test_consistency_loss_alone_pulls_the_student_to_the_sharpened_teacher():
+    unlabeled = _items(4, 1, labeled=False)
+    images = torch.stack([it["image"] for it in unlabeled])
+    student = _plain_net(0)
+    trainer = _trainer(student, unlabeled, max_epochs=1, epoch_length=30, ema_decay=0.999, lr=1.0,
+                       loss_function=lambda pred, target: pred.sum() * 0.0)  # the distillation term alone
+    teacher = trainer.teacher_network
+    teacher.load_state_dict(_plain_net(1).state_dict())
+
+    def gap() -> float:
+        """Mean |student probability − teacher's AALS target| on the unlabeled images, computed here."""
+        with torch.no_grad():
+            target = _aals_by_hand(1 / (1 + torch.exp(-teacher(images).double())))
+            return float((1 / (1 + torch.exp(-student(images).double())) - target).abs().mean())
+
+    before = gap()
+    trainer.run()
+    after = gap()
+    assert before > 0.05  # two different networks: something to pull
+    assert after < 0.25 * before, (before, after)
 
 
 def test_empty_unlabeled_loader_is_a_clear_error():
-    trainer = _trainer(_net(), _net(), [])
+    trainer = _trainer(_net(), [])
     with pytest.raises(ValueError, match="unlabeled data loader is empty"):
         trainer.run()
 
@@ -189,3 +227,26 @@ def test_two_views_are_augmented_independently():
 def test_bernoulli_kl_is_zero_when_the_student_matches_the_targets():
     targets = torch.tensor([[0.2], [0.9]])
     assert float(BernoulliKLDivLoss()(torch.logit(targets), targets)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_resumed_run_restores_the_teacher_and_ends_where_a_straight_run_does():
+    def trainer(student, max_epochs):
+        return _trainer(student, _items(6, 1, labeled=False), max_epochs=max_epochs, epoch_length=2, ema_decay=0.9)
+
+    straight = trainer(_net(0), 3)
+    straight.run()
+    first = trainer(_net(0), 2)
+    first.run()
+    saved = copy.deepcopy({"network": first.network.state_dict(), "teacher": first.teacher_network.state_dict(),
+                           "trainer": first.state_dict()})
+    resumed = trainer(_net(5), 3)  # another start: everything must come from the checkpoint
+    resumed.network.load_state_dict(saved["network"])
+    resumed.teacher_network.load_state_dict(saved["teacher"])
+    resumed.load_state_dict(saved["trainer"])
+    resumed.state.max_epochs = 3  # the checkpoint ran to 2
+    resumed.run()  # the third epoch
+    assert resumed.state.epoch == 3 and resumed.state.iteration == 6
+    for net in ("network", "teacher_network"):
+        for (name, a), b in zip(getattr(resumed, net).state_dict().items(),
+                                getattr(straight, net).state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{net}.{name}")

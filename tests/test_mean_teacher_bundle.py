@@ -100,12 +100,40 @@ def test_mean_teacher_stage_on_weak_positives_logs_per_epoch_and_resumes(teacher
     assert [step for step, _ in _metric_history(settings, "mean_teacher-lambda0.4-seed0")["val_auroc_teacher"]] == [3]
 
 
+def test_the_teacher_is_the_ema_model_made_from_the_loaded_teacher_checkpoint(teacher):
+    from monai_cxr_ssl.checkpoints import read_state_dict
+    from monai_cxr_ssl.locking import output_lock
+    from monai_cxr_ssl.workflow import make_workflow
+
+    root, settings = teacher
+    init = settings["output_dir"] / "teacher" / "models" / "model.pt"
+    out = root / "initialised"
+    overrides = {**settings, "output_dir": str(out), "init_ckpt": str(init), "bundle_root": str(cli.DEFAULT_BUNDLE),
+                 "cache_rate": 0.0}  # nothing is trained: no need to cache the images
+    workflow = make_workflow([str(CONFIGS / "train.json"), str(DEMO), str(CONFIGS / "mean_teacher.json")],
+                             **{k: str(v) if not isinstance(v, int | float) else v for k, v in overrides.items()})
+    with output_lock(out):
+        workflow.initialize()
+        parsed = workflow.parser.get_parsed_content
+        trainer, network, ema = parsed("train#trainer"), parsed("network"), parsed("train#ema")
+        evaluator, save_dict = parsed("validate#evaluator"), parsed("train#checkpoint#save_dict")
+    teacher_network = ema.ema_model
+    assert trainer.teacher_network is teacher_network and evaluator.teacher_network is teacher_network
+    assert save_dict["teacher_network"] is teacher_network and teacher_network is not network
+    expected = read_state_dict(init)
+    for name, value in teacher_network.state_dict().items():  # both start from the teacher stage's weights
+        torch.testing.assert_close(value.cpu(), expected[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(network.state_dict()[name].cpu(), expected[name], rtol=0, atol=0, msg=name)
+    assert ema.momentum == pytest.approx(1 - 0.999)
+
+
 @pytest.mark.parametrize(
     "setting, message",
     [
         ("aals_t=1.5", "setting aals_t=1.5 must be a number in (0, 1)"),
         ("aals_a0=0.5", "setting aals_a0=0.5 must be a number >= 1"),
-        ("ema_decay=1.0", "setting ema_decay=1.0 must be a number in [0, 1)"),
+        ("ema_decay=1.0", "setting ema_decay=1.0 must be a number in (0, 1)"),
+        ("ema_decay=0", "setting ema_decay=0 must be a number in (0, 1)"),
         ("weak_label_column=report", "missing column(s) ['report']"),
     ],
 )

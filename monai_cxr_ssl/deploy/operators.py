@@ -146,7 +146,8 @@ class ChestSeriesSelectorOperator(DICOMSeriesSelectorOperator):
 
 def predict(model: torch.nn.Module, image: np.ndarray, image_size: int, crop_size: int) -> np.ndarray:
     """Per-class probabilities of one ``(H, W)`` image in [0, 1]: area resize to ``image_size``, then the mean over
-    the ten ``crop_size`` crops of a model that returns probabilities (the bundle's inference, sigmoid inside)."""
+    the ten ``crop_size`` crops of a model that returns probabilities (the exported network, whose probability
+    layer is ``monai_cxr_ssl.probabilities.probability_layer``), as the bundle's ten-crop inferer averages them."""
     resized = Resize((image_size, image_size), mode="area")(torch.as_tensor(image, dtype=torch.float32)[None])
     crops = ten_crop(convert_to_tensor(resized, track_meta=False)[None], crop_size)  # (10, 1, 1, crop, crop)
     with torch.inference_mode():

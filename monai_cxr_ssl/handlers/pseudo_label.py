@@ -47,8 +47,9 @@ class PseudoLabelWriter:
         include_labels: also store the true labels, for benchmarks where those of the unlabeled images are known,
             and report the accuracy at 0.5 and the AUROC of the pseudo-labels. Images without a label (an
             ``unlabeled_source``) have none to store: the file then holds no labels and nothing is reported.
-        output_transform: maps ``engine.state.output`` to ``(probabilities, labels)``; the default suits MONAI
-            evaluators whose post-processing applies the sigmoid.
+        output_transform: maps ``engine.state.output`` to ``(probabilities, labels)``; the default suits the
+            bundle's evaluators, whose post-processing turns logits into probabilities
+            (``monai_cxr_ssl.probabilities``).
         id_transform: maps ``engine.state.batch`` to the batch's image ids; the default takes each item's ``"id"``.
     """
 

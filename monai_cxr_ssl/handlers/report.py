@@ -24,8 +24,8 @@ class AUROCReport:
     metrics logger attached after it (``MLFlowHandler``, ``StatsHandler``) records them and can log the files as
     artifacts.
 
-    ``output_transform`` maps ``engine.state.output`` to ``(probabilities, labels)``; the default
-    suits MONAI evaluators whose post-processing applies the sigmoid.
+    ``output_transform`` maps ``engine.state.output`` to ``(probabilities, labels)``; the default suits the
+    bundle's evaluators, whose post-processing turns logits into probabilities (``monai_cxr_ssl.probabilities``).
     """
 
     def __init__(

@@ -12,6 +12,8 @@ import torch
 from monai.networks.nets import DenseNet121
 from torch import nn
 
+from monai_cxr_ssl.probabilities import probability_layer
+
 __all__ = ["CXRDenseNet121", "encoder_state_dict", "load_encoder", "load_imagenet_weights"]
 
 logger = logging.getLogger("monai_cxr_ssl")
@@ -208,9 +210,11 @@ class CXRDenseNet121(DenseNet121):
             MONAI's ``pretrained=True`` (a download) is refused.
         encoder_init: path of a pre-training checkpoint whose encoder initialises the network (``load_encoder``),
             after the ImageNet weights; None for none.
-        probabilities: end with a sigmoid, so the network returns per-class probabilities instead of logits. The
-            sigmoid has no parameters: a checkpoint loads either way. Exported models use it, so that a deployed
-            TorchScript file gives what its metadata promises.
+        probabilities: end with the probability layer (``monai_cxr_ssl.probabilities.probability_layer``: a sigmoid
+            per class, or a softmax), so the network returns per-class probabilities instead of logits. The layer
+            has no parameters: a checkpoint loads either way. Exported models use it, so that a deployed TorchScript
+            file gives what its metadata promises.
+        exclusive_classes: with ``probabilities``, a softmax over mutually exclusive classes instead of sigmoids.
         kwargs: further :class:`monai.networks.nets.DenseNet` arguments, e.g. ``dropout_prob``.
     """
 
@@ -221,6 +225,7 @@ class CXRDenseNet121(DenseNet121):
         pretrained_weights: str | os.PathLike | None = None,
         probabilities: bool = False,
         encoder_init: str | os.PathLike | None = None,
+        exclusive_classes: bool = False,
         **kwargs: Any,
     ) -> None:
         if kwargs.pop("pretrained", False):
@@ -234,7 +239,8 @@ class CXRDenseNet121(DenseNet121):
         if encoder_init is not None:
             load_encoder(self, encoder_init)
         if probabilities:
-            self.class_layers.add_module("sigmoid", nn.Sigmoid())
+            self.class_layers.add_module("softmax" if exclusive_classes else "sigmoid",
+                                         probability_layer(exclusive_classes))
 
     @torch.jit.export
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
