@@ -58,7 +58,7 @@ def _generated_dicoms(folder: Path) -> dict[str, Path]:
     lungs = np.exp(-(((xx - 0.3) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2)) + np.exp(
         -(((xx - 0.7) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2))
     pixels = np.clip(200 - 120 * lungs + 30 * yy + rng.normal(0, 6, lungs.shape), 0, 255).astype(np.uint8)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     dx = radiograph_dicom(pixels, "DX", StudyDescription="No Finding")
     del dx.BodyPartExamined, dx.ViewPosition
     dx.save_as(folder / "dx.dcm", enforce_file_format=True)
