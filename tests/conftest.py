@@ -13,15 +13,80 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real data beside the repository; MONAI_CXR_SSL_SHARED_DATA points elsewhere (a missing folder shows what a clean
+# clone runs).
+SHARED_DATA = Path(os.environ.get("MONAI_CXR_SSL_SHARED_DATA",
+                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
+# A training overlay: after epoch 1 (its last.pt written) the run touches ``<pause_file>.reached`` and waits, up to
+# 10 minutes, for ``<pause_file>.release``; a test kills it or releases it there, at a known point, with no race.
+PAUSE_AFTER_EPOCH_1 = Path(__file__).resolve().parent / "data" / "pause_after_epoch_1.json"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under the real-data folder; the test skips, naming it, when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent")
+    return path
 
 
 @pytest.fixture
 def shared_data() -> Path:
     """The real-data folder beside the repository; tests that use it skip when it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent")
-    return SHARED_DATA
+    return shared_path()
+
+
+def wait_for_pause(proc: subprocess.Popen, pause_file: Path, log: Path | None = None, timeout: float = 600) -> None:
+    """Wait until a run started with ``PAUSE_AFTER_EPOCH_1`` and ``pause_file`` holds after epoch 1; ``log`` (its
+    output) is quoted when it ends first."""
+    reached = Path(f"{pause_file}.reached")
+    deadline = time.monotonic() + timeout
+    while not reached.exists():
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+            pytest.fail(f"the run ended (exit {proc.returncode}) before it paused after epoch 1\n{tail}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the run did not reach the end of epoch 1 in time")
+        time.sleep(0.05)
+
+
+def radiograph_dicom(pixels, modality: str = "DX", **elements):
+    """A Part-10 CR/DX image of the chest with the identity and study tags a PACS export carries (8-bit
+    MONOCHROME2), for tests that cannot rely on the real DICOM files."""
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    sop_class = {"DX": pydicom.uid.DigitalXRayImageStorageForPresentation,
+                 "CR": pydicom.uid.ComputedRadiographyImageStorage}.get(modality, pydicom.uid.CTImageStorage)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = modality, "CHEST", "PA"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Doe^Jane", "PID-0042", "19700101", "F"
+    ds.StudyID, ds.StudyDate, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "20240101", "ACC-7", "Roe^R"
+    ds.set_pixel_data(np.asarray(pixels, dtype=np.uint8), "MONOCHROME2", 8)
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def reference_ten_crop_probabilities(net, images, crop: int):
+    """Mean sigmoid over the ten crops (four corners, centre, and their horizontal flips) of (B, 1, H, W) images,
+    written out here by slicing, independently of the package's ten-crop code."""
+    import torch
+
+    height, width = images.shape[-2:]
+    top, left = round((height - crop) / 2), round((width - crop) / 2)
+    offsets = [(0, 0), (0, width - crop), (height - crop, 0), (height - crop, width - crop), (top, left)]
+    crops = [images[..., y:y + crop, x:x + crop] for y, x in offsets]
+    crops += [torch.flip(c, dims=[-1]) for c in crops]
+    with torch.no_grad():
+        return torch.stack([torch.sigmoid(net(c)) for c in crops]).mean(dim=0)
 
 
 class MlflowServer:
@@ -67,3 +132,22 @@ def mlflow_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+def checkpoint_probabilities(checkpoint: Path, images: list, image_size: int, crop_size: int):
+    """Ten-crop probabilities (N, K) of a stage's ``model.pt`` on image files, loaded as the bundle loads them
+    (LoadCXRImaged, area resize) and cropped by ``reference_ten_crop_probabilities``: the independent value a
+    stage's saved predictions and AUROC are checked against."""
+    import torch
+    from monai.transforms import Compose, Resized
+
+    from monai_cxr_ssl.data import LoadCXRImaged
+    from monai_cxr_ssl.networks import CXRDenseNet121
+
+    state = torch.load(checkpoint, weights_only=True)
+    net = CXRDenseNet121(num_classes=state["class_layers.out.weight"].shape[0])
+    net.load_state_dict(state)
+    net.eval()
+    load = Compose([LoadCXRImaged("image"), Resized("image", [image_size] * 2, mode="area")])
+    x = torch.stack([torch.as_tensor(load({"image": str(p)})["image"]) for p in images])
+    return reference_ten_crop_probabilities(net, x, crop_size).numpy()

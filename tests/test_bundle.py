@@ -8,26 +8,46 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import (
+    PAUSE_AFTER_EPOCH_1,
+    checkpoint_probabilities,
+    reference_ten_crop_probabilities,
+    shared_path,
+    wait_for_pause,
+)
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cxr_classifier"
 CONFIGS = BUNDLE / "configs"
+SCHEMA = Path(__file__).resolve().parent / "data" / "mb_metadata_schema.json"
 TINY = {"image_size": 40, "crop_size": 32, "batch_size": 8, "labeled_fraction": 0.5, "num_workers": 0}
 
 
-def test_metadata_has_model_zoo_keys():
-    """verify_metadata needs the schema from the internet; check the schema's required keys offline."""
+def test_metadata_follows_the_bundle_schema():
+    """``verify_metadata`` downloads the schema metadata.json names; validate against the vendored copy offline, and
+    check that the schema would catch a missing key."""
+    import jsonschema
+
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    required = ["version", "changelog", "monai_version", "pytorch_version", "numpy_version",
-                "required_packages_version", "task", "description", "authors", "copyright", "network_data_format"]
-    assert [k for k in required if k not in meta] == []
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(meta, schema)
+    for drop in (("numpy_version",), ("network_data_format", "outputs", "pred", "channel_def")):
+        broken = json.loads((CONFIGS / "metadata.json").read_text())
+        parent = broken
+        for key in drop[:-1]:
+            parent = parent[key]
+        del parent[drop[-1]]
+        error = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(schema).iter_errors(broken))
+        assert error is not None and error.message == f"'{drop[-1]}' is a required property", drop
+    # What the schema cannot say: the changelog names this version, and the output is one probability per class.
     assert meta["version"] in meta["changelog"]
     (image,) = meta["network_data_format"]["inputs"].values()
     (pred,) = meta["network_data_format"]["outputs"].values()
@@ -57,8 +77,9 @@ def workspace(tmp_path_factory):
     return root, common
 
 
-def _train_cmd(common: dict, num_epochs: int) -> list[str]:
-    return _bundle_cmd("run", [CONFIGS / "train.json", REPO / "configs" / "demo.json"], **common, num_epochs=num_epochs)
+def _train_cmd(common: dict, num_epochs: int, *overlays: Path, **args) -> list[str]:
+    return _bundle_cmd("run", [CONFIGS / "train.json", REPO / "configs" / "demo.json", *overlays], **common,
+                       num_epochs=num_epochs, **args)
 
 
 def _runs(common: dict):
@@ -74,30 +95,34 @@ def _epoch(checkpoint: Path) -> int:
     return trainer["iteration"] // trainer["epoch_length"]
 
 
-def test_train_is_killed_then_resumes(workspace):
-    root, common = workspace
-    out = root / "out"
-    last = out / "teacher" / "models" / "last.pt"
-    num_epochs = 4
-    # Start a run, kill -9 it once an epoch has been checkpointed.
-    proc = subprocess.Popen(
-        _train_cmd(common, num_epochs), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 240
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert last.exists(), "no epoch checkpoint was written before the deadline"
-    killed_at = _epoch(last)
-    assert killed_at < num_epochs
-    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt", "model.pt", "provenance.json"]  # no temp files
+NUM_EPOCHS = 2
 
-    # The same command again resumes instead of starting over.
-    done = subprocess.run(_train_cmd(common, num_epochs), cwd=root, capture_output=True, text=True, timeout=600)
+
+@pytest.fixture(scope="module")
+def resumed(workspace) -> dict:
+    """A training run killed with SIGKILL right after epoch 1 (paused there: no race with a fast run), then the same
+    command again, which resumes it; what the tests below check. A failure here errors every test using it."""
+    root, common = workspace
+    last = root / "out" / "teacher" / "models" / "last.pt"
+    pause = root / "pause"
+    cmd = _train_cmd(common, NUM_EPOCHS, PAUSE_AFTER_EPOCH_1, pause_file=pause)
+    with open(root / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    wait_for_pause(proc, pause, root / "killed.log")
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed = {"epoch": _epoch(last), "files": sorted(p.name for p in last.parent.iterdir())}
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)  # the same command again
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"after epoch {killed_at} of {num_epochs}" in done.stdout + done.stderr
-    assert _epoch(last) == num_epochs
+    return {"killed": killed, "log": done.stdout + done.stderr, "last": last}
+
+
+def test_train_is_killed_then_resumes(workspace, resumed):
+    root, common = workspace
+    out, last = root / "out", resumed["last"]
+    assert resumed["killed"] == {"epoch": 1, "files": ["last.pt", "model.pt", "provenance.json"]}  # no temp files
+    assert f"after epoch 1 of {NUM_EPOCHS}" in resumed["log"]  # resumed instead of starting over
+    assert _epoch(last) == NUM_EPOCHS
     assert (out / "teacher" / "models" / "model.pt").exists()
 
     split = json.loads((out / "split.json").read_text())
@@ -111,14 +136,14 @@ def test_train_is_killed_then_resumes(workspace):
     assert params["labeled_fraction"] == "0.5" and params["seed"] == "0"
     assert params["image_size"] == "40" and params["crop_size"] == "32"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_auroc")}
-    assert steps == set(range(1, num_epochs + 1))
+    assert steps == set(range(1, NUM_EPOCHS + 1))
     assert "train_loss" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "split.json" in artifacts
 
     # Every epoch is seeded from (seed, epoch): the resumed run ends with the weights of one never interrupted.
     straight = {**common, "output_dir": root / "straight", "experiment_name": "bundle_test_straight"}
-    done = subprocess.run(_train_cmd(straight, num_epochs), cwd=root, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_train_cmd(straight, NUM_EPOCHS), cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     expected = torch.load(root / "straight" / "teacher" / "models" / "last.pt", weights_only=True)["network"]
     got = torch.load(last, weights_only=True)["network"]
@@ -126,11 +151,12 @@ def test_train_is_killed_then_resumes(workspace):
         torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
 
 
-def test_evaluate_ten_crop_report(workspace):
+def test_evaluate_ten_crop_report(workspace, resumed):
+    """The evaluation's AUROC is scikit-learn's on ten-crop probabilities computed here from the checkpoint."""
+    from sklearn.metrics import roc_auc_score
+
     root, common = workspace
     out = root / "out"
-    if not (out / "teacher" / "models" / "model.pt").exists():
-        pytest.skip("needs the trained checkpoint of test_train_is_killed_then_resumes")
     cmd = _bundle_cmd(
         "run", [CONFIGS / "train.json", CONFIGS / "evaluate.json", REPO / "configs" / "demo.json"], **common
     )
@@ -138,8 +164,16 @@ def test_evaluate_ten_crop_report(workspace):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "teacher" / "test_metrics.json").read_text())
     split = json.loads((out / "split.json").read_text())
-    assert report["num_images"] == len(split["test"])
-    assert 0.0 <= report["mean_auroc"] <= 1.0 and set(report["auroc"]) == {"OPACITY"}
+    assert report["num_images"] == len(split["test"]) and set(report["auroc"]) == {"OPACITY"}
+    probs = checkpoint_probabilities(out / "teacher" / "models" / "model.pt", [it["image"] for it in split["test"]],
+                                     TINY["image_size"], TINY["crop_size"])
+    labels = [it["label"][0] for it in split["test"]]
+    saved = np.load(out / "teacher" / "test_predictions.npz")
+    np.testing.assert_allclose(saved["probs"], probs, atol=1e-5, rtol=0)
+    assert saved["labels"].ravel().tolist() == labels
+    assert 0 < sum(labels) < len(labels) and probs.std() > 0  # both classes, distinct probabilities: not vacuous
+    assert report["mean_auroc"] == pytest.approx(roc_auc_score(labels, probs[:, 0]))
+    assert report["auroc"]["OPACITY"] == report["mean_auroc"]
     assert (out / "teacher" / "test_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     client, runs = _runs(common)
@@ -161,11 +195,9 @@ def test_evaluate_without_checkpoint_fails_clearly(workspace, tmp_path):
     assert "model.pt: no trained checkpoint" in done.stderr
 
 
-def test_verify_export_and_inference(workspace, tmp_path):
+def test_verify_export_and_inference(workspace, resumed, tmp_path):
     root, common = workspace
     ckpt = root / "out" / "teacher" / "models" / "model.pt"
-    if not ckpt.exists():
-        pytest.skip("needs the trained checkpoint of test_train_is_killed_then_resumes")
     meta, inference = CONFIGS / "metadata.json", CONFIGS / "inference.json"
     verify = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
@@ -204,44 +236,57 @@ def test_verify_export_and_inference(workspace, tmp_path):
     header, *rows = (tmp_path / "pred" / "predictions.csv").read_text().strip().splitlines()
     classes = json.loads((root / "out" / "split.json").read_text())["classes"]
     assert header == ",".join(["image", *classes])  # the checkpoint's classes; no thresholds known for it
-    assert len(rows) == len(list(images.rglob("*.png")))
-    probs = [float(r.split(",")[1]) for r in rows]
-    assert all(0.0 <= p <= 1.0 for p in probs) and len(set(probs)) > 1
+    files = sorted(images.rglob("*.png"))
+    names = [p.relative_to(images).as_posix() for p in files]
+    assert sorted(r.split(",")[0] for r in rows) == names
+    got = dict((name, float(p)) for name, p in (r.split(",")[:2] for r in rows))
+    from monai.transforms import Compose, Resized
+
+    from monai_cxr_ssl.data import LoadCXRImaged
+
+    load = Compose([LoadCXRImaged("image"), Resized("image", [TINY["image_size"]] * 2, mode="area")])
+    x = torch.stack([torch.as_tensor(load({"image": p})["image"]) for p in files])
+    expected = reference_ten_crop_probabilities(net, x, TINY["crop_size"])[:, 0].numpy()
+    assert expected.std() > 0
+    np.testing.assert_allclose([got[n] for n in names], expected, atol=1e-5, rtol=0)
 
 
 def _trained_stage(workspace) -> tuple[Path, list[str]]:
-    """The stage trained by ``python -m monai.bundle run`` above, and the ``export`` arguments naming its configs."""
+    """The stage trained by ``python -m monai.bundle run`` above (the ``resumed`` fixture), and the ``export``
+    arguments naming its configs."""
     root, common = workspace
     stage = root / "out" / "teacher"
-    if not (stage / "models" / "model.pt").exists():
-        pytest.skip("needs the trained checkpoint of test_train_is_killed_then_resumes")
     settings = [f"{key}={common[key]}" for key in ("dataset_dir", "output_dir", "image_size", "crop_size")]
     return stage, ["--configs", "train", "demo", "--set", *settings]
 
 
-def test_export_gives_the_checkpoint_probabilities_on_real_images(workspace, tmp_path, shared_data, capsys):
-    """``monai-cxr-ssl export``: TorchScript with the specialised metadata; on real chest X-rays the exported model
-    gives the checkpoint's ten-crop probabilities (tolerance 1e-5 absolute: the same float32 kernels, scripted)."""
-    from monai.bundle import verify_net_in_out
-    from monai.data import load_net_with_metadata
-    from monai.transforms import Compose, Resized
-
+@pytest.fixture(scope="module")
+def exported(workspace, resumed, tmp_path_factory) -> tuple[Path, Path]:
+    """``monai-cxr-ssl export`` of the trained stage: the stage folder and the TorchScript file."""
     from monai_cxr_ssl.cli import main
-    from monai_cxr_ssl.data import LoadCXRImaged
-    from monai_cxr_ssl.export import EXPORT_OVERRIDES
-    from monai_cxr_ssl.inferers import ten_crop_probabilities
-    from monai_cxr_ssl.networks import CXRDenseNet121
-    from monai_cxr_ssl.transforms.tencrop import ten_crop
 
     stage, configs = _trained_stage(workspace)
-    exported = tmp_path / "export" / "model.ts"
-    with pytest.raises(SystemExit):  # a plain monai.bundle run records no config: export asks for it
-        main(["export", str(stage), "-o", str(exported)])
-    assert "--configs train" in capsys.readouterr().err and not exported.parent.exists()
-    main(["export", str(stage), "-o", str(exported), *configs])
-    assert [p.name for p in exported.parent.iterdir()] == ["model.ts"]  # no temporary files left
+    path = tmp_path_factory.mktemp("export") / "model.ts"
+    main(["export", str(stage), "-o", str(path), *configs])
+    return stage, path
 
-    scripted, meta, extra = load_net_with_metadata(str(exported), more_extra_files=["inference.json"])
+
+def test_export_writes_the_specialised_metadata(workspace, exported, tmp_path, capsys):
+    """``monai-cxr-ssl export``: TorchScript with the specialised metadata, which passes MONAI's own check."""
+    from monai.bundle import verify_net_in_out
+    from monai.data import load_net_with_metadata
+
+    from monai_cxr_ssl.cli import main
+    from monai_cxr_ssl.export import EXPORT_OVERRIDES
+
+    stage, path = exported
+    assert [p.name for p in path.parent.iterdir()] == ["model.ts"]  # no temporary files left
+    refused = tmp_path / "export" / "model.ts"
+    with pytest.raises(SystemExit):  # a plain monai.bundle run records no config: export asks for it
+        main(["export", str(stage), "-o", str(refused)])
+    assert "--configs train" in capsys.readouterr().err and not refused.parent.exists()
+
+    _, meta, extra = load_net_with_metadata(str(path), more_extra_files=["inference.json"])
     split = json.loads((stage.parent / "split.json").read_text())
     info = meta["cxr_ssl"]
     assert info["classes"] == split["classes"] and info["stage"] == "teacher"
@@ -250,28 +295,48 @@ def test_export_gives_the_checkpoint_probabilities_on_real_images(workspace, tmp
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == {str(k): c for k, c in enumerate(split["classes"])}
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [TINY["crop_size"]] * 2
-    # The embedded metadata and config pass MONAI's own check.
+    import jsonschema
+
+    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
     (tmp_path / "metadata.json").write_text(json.dumps(meta))
     (tmp_path / "config.json").write_bytes(extra["inference.json"])
     verify_net_in_out(net_id="network_def", meta_file=str(tmp_path / "metadata.json"),
                       config_file=str(tmp_path / "config.json"), **EXPORT_OVERRIDES)
 
-    images = sorted((shared_data / "kermany_pneumonia" / "test" / "NORMAL").glob("*.jpeg"))[:3] + sorted(
-        (shared_data / "kermany_pneumonia" / "test" / "PNEUMONIA").glob("*.jpeg"))[:3]
+
+@pytest.mark.parametrize("source", ["generated", pytest.param("kermany", marks=pytest.mark.realdata)])
+def test_exported_model_gives_the_checkpoint_probabilities(workspace, exported, source):
+    """The exported model gives the checkpoint's ten-crop probabilities (tolerance 1e-5 absolute: the same float32
+    kernels, scripted) on the generated test images, and on real chest X-rays when they are here."""
+    from monai.data import load_net_with_metadata
+    from monai.transforms import Compose, Resized
+
+    from monai_cxr_ssl.data import LoadCXRImaged
+    from monai_cxr_ssl.networks import CXRDenseNet121
+    from monai_cxr_ssl.transforms.tencrop import ten_crop
+
+    stage, path = exported
+    if source == "kermany":
+        test = shared_path("kermany_pneumonia", "test")
+        images = sorted((test / "NORMAL").glob("*.jpeg"))[:3] + sorted((test / "PNEUMONIA").glob("*.jpeg"))[:3]
+    else:
+        images = sorted((workspace[0] / "data" / "test").rglob("*.png"))[:6]
+    scripted, meta, _ = load_net_with_metadata(str(path))
+    info = meta["cxr_ssl"]
     load = Compose([LoadCXRImaged("image"), Resized("image", [info["image_size"]] * 2, mode="area")])
     x = torch.stack([torch.as_tensor(load({"image": p})["image"]) for p in images])
     net = CXRDenseNet121(num_classes=len(info["classes"]))
     net.load_state_dict(torch.load(stage / "models" / "model.pt", weights_only=True))
     net.eval()
+    expected = reference_ten_crop_probabilities(net, x, info["crop_size"])
     with torch.no_grad():
-        expected = ten_crop_probabilities(x, net, info["crop_size"])
         crops = ten_crop(x, info["crop_size"])
         got = scripted(crops.reshape(-1, *crops.shape[2:])).reshape(10, len(images), -1).mean(dim=0)
     assert expected.std() > 0  # distinct images give distinct probabilities: the comparison is not vacuous
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_export_thresholds_final_stage_and_bad_input(workspace, tmp_path):
+def test_export_thresholds_final_stage_and_bad_input(workspace, resumed, tmp_path):
     import numpy as np
     from sklearn.metrics import roc_curve
 

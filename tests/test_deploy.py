@@ -1,5 +1,6 @@
-"""The MONAI Deploy app end to end on the real DICOM files: ``python -m monai_cxr_ssl.deploy`` as a user runs it,
-its outputs against the bundle's own inference, its privacy, and every bad input it must refuse cleanly."""
+"""The MONAI Deploy app end to end on DICOM files made here (a DX and a JPEG-baseline CR) and, when they are here, on
+the real ones: ``python -m monai_cxr_ssl.deploy`` as a user runs it, its outputs against the bundle's own inference,
+its privacy, and every bad input it must refuse cleanly."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ import torch
 
 pytest.importorskip("monai.deploy.core", reason="the MONAI Deploy App SDK (the deploy extra) is not installed")
 
+from conftest import radiograph_dicom, shared_path  # noqa: E402
 from monai.data import save_net_with_metadata  # noqa: E402
 
 from monai_cxr_ssl.networks import CXRDenseNet121  # noqa: E402
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE  # noqa: E402
 
-pytestmark = pytest.mark.realdata
-
-DX, CR = "nih_cxr_dx_uncompressed.dcm", "siim_cxr_cr_jpeg_baseline.dcm"
+DX, CR = "DX", "CR"
+REAL = {DX: "nih_cxr_dx_uncompressed.dcm", CR: "siim_cxr_cr_jpeg_baseline.dcm"}
 CLASSES = ["Effusion", "Pneumonia"]
 IMAGE_SIZE, CROP_SIZE = 64, 56
 TIMEOUT = 300
@@ -42,6 +43,41 @@ def model(tmp_path_factory) -> tuple[Path, CXRDenseNet121]:
     path = tmp_path_factory.mktemp("model") / "model.ts"
     save_net_with_metadata(torch.jit.script(exported), str(path), meta_values=meta)
     return path, net
+
+
+def _generated_dicoms(folder: Path) -> dict[str, Path]:
+    """A 256 x 256 DX (uncompressed, no BodyPartExamined nor a chest word, like the real NIH file) and a CR of the
+    chest stored as JPEG baseline (like the real SIIM file): smooth anatomy-like shading with noise."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+
+    yy, xx = np.mgrid[:256, :256] / 255.0
+    rng = np.random.default_rng(0)
+    lungs = np.exp(-(((xx - 0.3) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2)) + np.exp(
+        -(((xx - 0.7) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+    pixels = np.clip(200 - 120 * lungs + 30 * yy + rng.normal(0, 6, lungs.shape), 0, 255).astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    dx = radiograph_dicom(pixels, "DX", StudyDescription="No Finding")
+    del dx.BodyPartExamined, dx.ViewPosition
+    dx.save_as(folder / "dx.dcm", enforce_file_format=True)
+    cr = radiograph_dicom(pixels[:, ::-1], "CR", SeriesDescription="view: PA")
+    jpeg = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels[:, ::-1])).save(jpeg, "JPEG", quality=95)
+    cr.PixelData = encapsulate([jpeg.getvalue()])
+    cr["PixelData"].VR, cr["PixelData"].is_undefined_length = "OB", True
+    cr.file_meta.TransferSyntaxUID, cr.LossyImageCompression = pydicom.uid.JPEGBaseline8Bit, "01"
+    cr.save_as(folder / "cr.dcm", enforce_file_format=True)
+    return {DX: folder / "dx.dcm", CR: folder / "cr.dcm"}
+
+
+@pytest.fixture(scope="module", params=["generated", pytest.param("real", marks=pytest.mark.realdata)])
+def dicoms(request, tmp_path_factory) -> dict[str, Path]:
+    """The DX and CR files every test here runs on: made here, then the real ones (skipped when absent)."""
+    if request.param == "real":
+        return {kind: shared_path("dicom", name) for kind, name in REAL.items()}
+    return _generated_dicoms(tmp_path_factory.mktemp("dicom"))
 
 
 def _study(folder: Path, *datasets: pydicom.Dataset) -> Path:
@@ -78,8 +114,8 @@ def _outputs(folder: Path) -> tuple[dict, pydicom.Dataset]:
 
 
 @pytest.mark.parametrize("name", [DX, CR])
-def test_app_classifies_a_real_study_as_the_bundle_does(name, model, shared_data, tmp_path):
-    source = shared_data / "dicom" / name
+def test_app_classifies_a_study_as_the_bundle_does(name, model, dicoms, tmp_path):
+    source = dicoms[name]
     original = pydicom.dcmread(source)
     study = _study(tmp_path / "in", original)
     model_path, net = model
@@ -115,10 +151,10 @@ def test_app_classifies_a_real_study_as_the_bundle_does(name, model, shared_data
         assert value not in json.dumps(result) and value not in run.stdout + run.stderr
 
 
-def test_monochrome1_reads_as_the_original(model, shared_data, tmp_path):
-    """An inverted MONOCHROME1 copy of a real image is the same radiograph: the same probabilities."""
-    original = pydicom.dcmread(shared_data / "dicom" / DX)
-    inverted = pydicom.dcmread(shared_data / "dicom" / DX)
+def test_monochrome1_reads_as_the_original(model, dicoms, tmp_path):
+    """An inverted MONOCHROME1 copy of an image is the same radiograph: the same probabilities."""
+    original = pydicom.dcmread(dicoms[DX])
+    inverted = pydicom.dcmread(dicoms[DX])
     inverted.PixelData = (255 - original.pixel_array).astype(np.uint8).tobytes()
     inverted.PhotometricInterpretation = "MONOCHROME1"
     model_path, _ = model
@@ -131,18 +167,18 @@ def test_monochrome1_reads_as_the_original(model, shared_data, tmp_path):
     assert results[0] == pytest.approx(results[1], abs=1e-6)
 
 
-def test_bad_inputs_are_refused_without_partial_output(model, shared_data, tmp_path, capsys):
+def test_bad_inputs_are_refused_without_partial_output(model, dicoms, tmp_path, capsys):
     from monai_cxr_ssl.deploy.app import main
 
     model_path, _ = model
-    dx = pydicom.dcmread(shared_data / "dicom" / DX)
-    ct = pydicom.dcmread(shared_data / "dicom" / DX)
+    dx = pydicom.dcmread(dicoms[DX])
+    ct = pydicom.dcmread(dicoms[DX])
     ct.Modality = "CT"
-    hand = pydicom.dcmread(shared_data / "dicom" / CR)
+    hand = pydicom.dcmread(dicoms[CR])
     hand.BodyPartExamined = "HAND"
-    second = pydicom.dcmread(shared_data / "dicom" / DX)
+    second = pydicom.dcmread(dicoms[DX])
     second.SOPInstanceUID = pydicom.uid.generate_uid()
-    multiframe = pydicom.dcmread(shared_data / "dicom" / DX)
+    multiframe = pydicom.dcmread(dicoms[DX])
     multiframe.NumberOfFrames = 2
     multiframe.PixelData = multiframe.PixelData * 2
     corrupt = tmp_path / "corrupt"
@@ -153,11 +189,11 @@ def test_bad_inputs_are_refused_without_partial_output(model, shared_data, tmp_p
     (text_file / "notes.txt").write_text("not an image")
     cut_jpeg = tmp_path / "cut_jpeg"
     cut_jpeg.mkdir()
-    jpeg = (shared_data / "dicom" / CR).read_bytes()
+    jpeg = (dicoms[CR]).read_bytes()
     (cut_jpeg / "cut.dcm").write_bytes(jpeg[: len(jpeg) // 2])
     truncated = tmp_path / "truncated"
     truncated.mkdir()
-    data = (shared_data / "dicom" / DX).read_bytes()
+    data = (dicoms[DX]).read_bytes()
     (truncated / "cut.dcm").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty").mkdir()
     (tmp_path / "not_a_model.ts").write_bytes(b"not torchscript")
@@ -195,10 +231,10 @@ def _run(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_sr_references_its_image_and_a_rerun_replaces_it(model, shared_data, tmp_path, capsys):
+def test_sr_references_its_image_and_a_rerun_replaces_it(model, dicoms, tmp_path, capsys):
     import highdicom as hd
 
-    source = pydicom.dcmread(shared_data / "dicom" / CR)
+    source = pydicom.dcmread(dicoms[CR])
     source.AccessionNumber, source.PatientAge, source.OtherPatientIDs = "ACC123", "045Y", "OTHER-ID"
     study, out = _study(tmp_path / "in", source), tmp_path / "out"
     model_path, _ = model
@@ -255,9 +291,9 @@ def test_body_part_evidence(tags, decision):
     assert body_part_evidence(ds)[0] == decision
 
 
-def test_unknown_body_part_is_refused_unless_accepted(model, shared_data, tmp_path, capsys):
+def test_unknown_body_part_is_refused_unless_accepted(model, dicoms, tmp_path, capsys):
     """A dental panoramic CR without BodyPartExamined used to be classified (exit 0, PNEUMONIA in the SR)."""
-    dental = pydicom.dcmread(shared_data / "dicom" / CR)
+    dental = pydicom.dcmread(dicoms[CR])
     del dental.BodyPartExamined
     dental.SeriesDescription, dental.ViewPosition = "OPG panoramic", ""
     study, model_path = _study(tmp_path / "dental", dental), model[0]
@@ -279,8 +315,8 @@ def test_unknown_body_part_is_refused_unless_accepted(model, shared_data, tmp_pa
         "BodyPartExamined absent; StudyDescription says 'TÓRAX'")
 
 
-def test_dicom_without_part10_header_is_classified(model, shared_data, tmp_path, capsys):
-    source = shared_data / "dicom" / DX
+def test_dicom_without_part10_header_is_classified(model, dicoms, tmp_path, capsys):
+    source = dicoms[DX]
     ds = pydicom.dcmread(source)
     del ds.file_meta
     ds.preamble = None
@@ -318,9 +354,7 @@ def ood_model(model, tmp_path_factory) -> tuple[Path, object, np.ndarray]:
 
     from monai_cxr_ssl.deploy.ood import OOD_STATS_FILE, fit_ood, image_features
 
-    sample = Path(__file__).resolve().parents[2] / "shared" / "data" / "chestxray14_sample" / "images"
-    if not sample.is_dir():
-        pytest.skip(f"real data folder {sample} is absent")
+    sample = shared_path("chestxray14_sample", "images")
     scripted, meta, _ = load_net_with_metadata(str(model[0]))
     images = sorted(sample.glob("*.png"))
     train = image_features(scripted, images[:60], IMAGE_SIZE, CROP_SIZE)
@@ -330,20 +364,22 @@ def ood_model(model, tmp_path_factory) -> tuple[Path, object, np.ndarray]:
     return path, stats, train
 
 
-def test_out_of_distribution_images_get_no_findings(ood_model, shared_data, tmp_path, capsys):
+@pytest.mark.realdata
+def test_out_of_distribution_images_get_no_findings(ood_model, tmp_path, capsys):
+    """Real chest X-rays (NIH sample to fit, the real DX and CR to test); skips without them."""
     from sklearn.covariance import LedoitWolf
 
     model_path, stats, train = ood_model
     fitted = LedoitWolf().fit(train)
-    dx = pydicom.dcmread(shared_data / "dicom" / DX)
-    flipped = pydicom.dcmread(shared_data / "dicom" / DX)
+    dx = pydicom.dcmread(shared_path("dicom", REAL[DX]))
+    flipped = pydicom.dcmread(shared_path("dicom", REAL[DX]))
     flipped.PixelData = np.ascontiguousarray(dx.pixel_array[::-1]).tobytes()  # upside down
-    ct_like = pydicom.dcmread(shared_data / "dicom" / DX)
+    ct_like = pydicom.dcmread(shared_path("dicom", REAL[DX]))
     yy, xx = np.mgrid[:1024, :1024]
     disk = ((yy - 512) ** 2 + (xx - 512) ** 2 < 400**2) * 150 + np.random.default_rng(0).integers(0, 30, (1024, 1024))
     ct_like.PixelData = disk.astype(np.uint8).tobytes()  # an axial-slice-like disk in a real DICOM
-    cases = {"dx": (dx, True), "cr": (pydicom.dcmread(shared_data / "dicom" / CR), True), "flipped": (flipped, False),
-             "ct_like": (ct_like, False)}
+    cr = pydicom.dcmread(shared_path("dicom", REAL[CR]))
+    cases = {"dx": (dx, True), "cr": (cr, True), "flipped": (flipped, False), "ct_like": (ct_like, False)}
     for name, (ds, chest) in cases.items():
         code, err = _run(["-i", str(_study(tmp_path / name, ds)), "-o", str(tmp_path / f"out_{name}"), "-m",
                           str(model_path), "--accept-unknown-body-part"], capsys)

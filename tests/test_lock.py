@@ -9,9 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import PAUSE_AFTER_EPOCH_1
 
 from monai_cxr_ssl.locking import FolderInUseError, lock_output_dir, output_lock
 
@@ -106,15 +108,26 @@ def test_concurrent_runs_on_a_fresh_store(tmp_path):
     data = make_synthetic_dataset(tmp_path / "data", n_train=40, n_test=10, image_size=48)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    def start(out: str) -> subprocess.Popen:
+    pause = tmp_path / "pause"
+
+    def start(out: str, *paused: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "monai_cxr_ssl.cli", "run", "train", "demo", "--set", f"dataset_dir={data}",
-             f"output_dir={tmp_path / out}", f"tracking_uri={uri}", "experiment_name=lock", "image_size=40",
-             "crop_size=32", "batch_size=8", "num_workers=0", "num_epochs=3", "labeled_fraction=0.5"],
+            [sys.executable, "-m", "monai_cxr_ssl.cli", "run", "train", "demo", *paused[:1], "--set",
+             f"dataset_dir={data}", f"output_dir={tmp_path / out}", f"tracking_uri={uri}", "experiment_name=lock",
+             "image_size=40", "crop_size=32", "batch_size=8", "num_workers=0", "num_epochs=1",
+             "labeled_fraction=0.5", *paused[1:]],
             env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
 
-    procs = [start("same"), start("same"), start("other")]
+    # The holder of "same" waits after its epoch, the folder locked however fast the machine, until the other run
+    # on "same" has ended (refused).
+    paused = (str(PAUSE_AFTER_EPOCH_1), f"pause_file={pause}")
+    procs = [start("same", *paused), start("same", *paused), start("other")]
+    deadline = time.monotonic() + 600
+    while not Path(f"{pause}.reached").exists() or all(p.poll() is None for p in procs[:2]):
+        assert any(p.poll() is None for p in procs[:2]) and time.monotonic() < deadline, "no run held 'same'"
+        time.sleep(0.05)
+    Path(f"{pause}.release").touch()
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results[:2])
     assert codes == [0, 2] and results[2][0] == 0, [e[-2000:] for _, e in results]

@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import PAUSE_AFTER_EPOCH_1, wait_for_pause
 
 from monai_cxr_ssl.compare import run_compare
 from monai_cxr_ssl.pipeline import metric_name, plan, split_overrides, used_config
@@ -143,8 +143,9 @@ def _command(command: str, settings: dict, *extra: str) -> list[str]:
             *(f"{k}={v}" for k, v in settings.items())]
 
 
-def _pipeline(settings: dict, cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(_command("pipeline", settings), cwd=cwd, capture_output=True, text=True, timeout=900)
+def _pipeline(settings: dict, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command("pipeline", settings, *extra), cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
 
@@ -163,15 +164,14 @@ def _lines(output: str) -> dict[str, str]:
 def test_pipeline_killed_and_resumed_then_rerun_with_a_changed_setting(tiny):
     root, settings = tiny
     out = root / "out"
-    settings = {**settings, "output_dir": out, "rounds": 2, "student:num_epochs": 3}
-    proc = subprocess.Popen(_command("pipeline", settings), cwd=root, stdout=subprocess.DEVNULL,
+    settings = {**settings, "output_dir": out, "rounds": 2, "student:num_epochs": 3, "pause_file": root / "pause",
+                "pause_stage": "student"}
+    pause = str(PAUSE_AFTER_EPOCH_1)
+    proc = subprocess.Popen(_command("pipeline", settings, pause), cwd=root, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    # Kill it in the middle of the student's training: the teacher and pseudo-label stages are finished by then.
-    deadline = time.monotonic() + 600
-    while not (out / "student" / "models" / "last.pt").exists():
-        assert proc.poll() is None, "the pipeline ended before the student trained"
-        assert time.monotonic() < deadline, "the student did not start in time"
-        time.sleep(0.05)
+    # Kill it in the middle of the student's training, paused after its epoch 1 (no race with a fast stage): the
+    # teacher and pseudo-label stages are finished by then.
+    wait_for_pause(proc, root / "pause")
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (out / "student" / ".student.done.json").exists()
@@ -179,7 +179,7 @@ def test_pipeline_killed_and_resumed_then_rerun_with_a_changed_setting(tiny):
     teacher_model = (out / "teacher" / "models" / "model.pt").stat().st_mtime_ns
     pseudo_labels = (out / "pseudo_label" / "pseudo_labels.jsonl").stat().st_mtime_ns
 
-    said = _lines(_pipeline(settings, root).stdout)
+    said = _lines(_pipeline(settings, root, pause).stdout)
     for name in ("teacher", "teacher/evaluate", "pseudo_label"):
         assert said[name].startswith("done earlier"), (name, said[name])
     assert said["student"].startswith("resuming an interrupted run")
@@ -219,9 +219,9 @@ def test_pipeline_killed_and_resumed_then_rerun_with_a_changed_setting(tiny):
 
     # Unchanged: nothing runs. A fine-tune setting: only the fine-tunes and what reads them re-run, and it says why.
     steps = said
-    said = _lines(_pipeline(settings, root).stdout)
+    said = _lines(_pipeline(settings, root, pause).stdout)
     assert all(v.startswith("done earlier") for v in said.values()) and said.keys() == steps.keys()
-    said = _lines(_pipeline({**settings, "finetune:num_epochs": 2}, root).stdout)
+    said = _lines(_pipeline({**settings, "finetune:num_epochs": 2}, root, pause).stdout)
     for name in ("teacher", "pseudo_label", "student", "student/evaluate"):
         assert said[name].startswith("done earlier"), (name, said[name])
     # finetune:num_epochs sets the fine-tune's own epoch setting (finetune_epochs)

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -38,4 +40,8 @@ def test_kermany_teacher_smoke(shared_data, tmp_path):
     assert split["positives"]["labeled"][0] > 0
     report = json.loads((out / "teacher" / "test_metrics.json").read_text())
     assert report["num_images"] == 624 and report["positives"] == {"PNEUMONIA": 390}
-    assert 0.0 <= report["mean_auroc"] <= 1.0
+    # the reported AUROC is scikit-learn's on the saved predictions, whose labels are the official test split's
+    saved = np.load(out / "teacher" / "test_predictions.npz")
+    assert saved["labels"].ravel().tolist() == [it["label"][0] for it in split["test"]]
+    assert saved["probs"].std() > 0
+    assert report["mean_auroc"] == pytest.approx(roc_auc_score(saved["labels"].ravel(), saved["probs"].ravel()))
