@@ -17,7 +17,8 @@ from monai_cxr_ssl.checkpoints import PROVENANCE_FILE
 from monai_cxr_ssl.cli import main
 from monai_cxr_ssl.config_items import BOOKKEEPING_IDS
 from monai_cxr_ssl.data import make_synthetic_dataset
-from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, NAMED_CONFIGS, OVERLAYS_DIR, make_workflow, resolve_configs
+from monai_cxr_ssl.methods import named_configs
+from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, OVERLAYS_DIR, make_workflow, resolve_configs
 
 CONFIGS = DEFAULT_BUNDLE / "configs"
 TINY = {"image_size": 32, "crop_size": 32, "batch_size": 8, "num_workers": 0, "cache_rate": 1.0,
@@ -32,7 +33,7 @@ def _chain(files: list[str]) -> dict:
 
 def _overlays() -> list[tuple[list[str], str]]:
     """(base chain, overlay) for every stage overlay of the named configs and every overlay in configs/."""
-    pairs = {(tuple(files[:i]), files[i]) for files in NAMED_CONFIGS.values() for i in range(1, len(files))}
+    pairs = {(tuple(files[:i]), files[i]) for files in named_configs().values() for i in range(1, len(files))}
     pairs |= {(("train.json",), str(path)) for path in sorted(OVERLAYS_DIR.glob("*.json"))}
     return sorted((list(base), overlay) for base, overlay in pairs)
 

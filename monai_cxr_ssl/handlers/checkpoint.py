@@ -22,7 +22,7 @@ from monai_cxr_ssl.checkpoints import (
     read_provenance,
     write_provenance,
 )
-from monai_cxr_ssl.settings import STAGE_EPOCHS
+from monai_cxr_ssl.methods import epoch_settings
 from monai_cxr_ssl.utils import disk_full_error, is_disk_full
 
 logger = logging.getLogger("monai_cxr_ssl")
@@ -162,8 +162,9 @@ class ResumableCheckpoint:
     ``last.pt`` and best model are deleted when training starts, and the stage starts over.
     """
 
-    # settings that may differ on resume: the epoch counts, and where the data lives (its fingerprint is compared)
-    RESUMABLE_CHANGES = frozenset({"num_epochs", *STAGE_EPOCHS, "datasource"})
+    # settings that may differ on resume: the epoch counts (``methods.epoch_settings``), and where the data lives
+    # (its fingerprint is compared)
+    RESUMABLE_CHANGES = frozenset({"num_epochs", "datasource"})
 
     def __init__(
         self,
@@ -201,7 +202,7 @@ class ResumableCheckpoint:
             raise ValueError(f"{self.path} was made on another split (split fingerprint "
                              f"{record.get('split_fingerprint')}, now {self.split_fingerprint}): {remedy}.")
         changed = [k for k in changed_settings(record.get("settings") or {}, self.settings)
-                   if k not in self.RESUMABLE_CHANGES]
+                   if k not in self.RESUMABLE_CHANGES and k not in epoch_settings()]
         if changed:
             raise ValueError(f"{self.path} was made with other settings (changed: {', '.join(changed)}): {remedy}.")
 
