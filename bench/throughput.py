@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_results  # a sibling module: bench/ is on sys.path when run as bench/<script>.py
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 
@@ -72,7 +73,23 @@ def timed_pair(baseline, candidate, repeats: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def bench_training(args: argparse.Namespace) -> float:
+def pair_figures(n: int, plain_s: float, engine_s: float) -> dict:
+    """Images/s of a baseline and the bundle's engine over the same ``n`` images, and their ratio."""
+    return {"plain_images_per_s": round(n / plain_s, 1), "engine_images_per_s": round(n / engine_s, 1),
+            "engine_over_plain": round(plain_s / engine_s, 3)}
+
+
+def one_more_epoch(trainer):
+    """A callable that runs ``trainer`` for one more full epoch on every call."""
+
+    def run():
+        trainer.state.max_epochs = trainer.state.epoch + 1
+        trainer.run()
+
+    return run
+
+
+def bench_training(args: argparse.Namespace) -> dict:
     loader = in_memory_loader(args, args.crop_size)
     parser = bundle_parser(args, "train.json")
     parser["train#dataloader"] = loader
@@ -88,18 +105,16 @@ def bench_training(args: argparse.Namespace) -> float:
             loss.backward()
             optimizer.step()
 
-    def engine():
-        trainer.state.max_epochs = trainer.state.epoch + 1  # one more full epoch on every call
-        trainer.run()
+    engine = one_more_epoch(trainer)
 
     n = len(loader.dataset)
     plain_s, engine_s = timed_pair(plain, engine, args.repeats)
     print(f"training   plain PyTorch loop : {n / plain_s:8.1f} images/s")
     print(f"training   bundle trainer     : {n / engine_s:8.1f} images/s   engine/plain = {plain_s / engine_s:.3f}")
-    return n / engine_s
+    return pair_figures(n, plain_s, engine_s)
 
 
-def bench_mean_teacher(args: argparse.Namespace) -> None:
+def bench_mean_teacher(args: argparse.Namespace) -> dict:
     from monai_cxr_ssl.losses import BernoulliKLDivLoss
     from monai_cxr_ssl.sharpening import aals
 
@@ -136,18 +151,17 @@ def bench_mean_teacher(args: argparse.Namespace) -> None:
                     else:
                         t_b.copy_(s_b)
 
-    def engine():
-        trainer.state.max_epochs = trainer.state.epoch + 1  # one more full epoch on every call
-        trainer.run()
+    engine = one_more_epoch(trainer)
 
     n = len(loader.dataset)
     plain_s, engine_s = timed_pair(plain, engine, args.repeats)
     print(f"mean-teacher plain PyTorch loop : {n / plain_s:8.1f} images/s (labeled, + as many unlabeled)")
     print(f"mean-teacher bundle trainer     : {n / engine_s:8.1f} images/s   engine/plain = "
           f"{plain_s / engine_s:.3f}")
+    return pair_figures(n, plain_s, engine_s)
 
 
-def bench_tta(args: argparse.Namespace) -> None:
+def bench_tta(args: argparse.Namespace) -> dict:
     loader = in_memory_loader(args, args.image_size)
     parser = bundle_parser(args, "train.json", "evaluate.json")
     parser["validate#dataloader"] = loader
@@ -165,13 +179,15 @@ def bench_tta(args: argparse.Namespace) -> None:
     plain_s, engine_s = timed_pair(plain, evaluator.run, args.repeats)
     print(f"ten-crop   plain forward      : {n / plain_s:8.1f} images/s (10 crops each, cut beforehand)")
     print(f"ten-crop   bundle evaluator   : {n / engine_s:8.1f} images/s   engine/plain = {plain_s / engine_s:.3f}")
+    return pair_figures(n, plain_s, engine_s)
 
 
-def bench_data(args: argparse.Namespace, train_rate: float) -> None:
+def bench_data(args: argparse.Namespace, train_rate: float) -> dict:
     files = sorted(KERMANY.glob("train/*/*.jpeg"))[: args.data_images]
     if not files:
         print(f"data       skipped: {KERMANY} is absent")
-        return
+        return {}
+    figures = {}
     transform = bundle_parser(args, "train.json").get_parsed_content("train#preprocessing")
     items = [{"image": str(f), "label": [0.0]} for f in files]
     for workers in sorted({0, args.workers}):
@@ -184,6 +200,8 @@ def bench_data(args: argparse.Namespace, train_rate: float) -> None:
             f"data       {workers} worker(s)        : {rate:8.1f} images/s (Kermany JPEG decode+resize+augment)"
             f"   data/training = {rate / train_rate:.1f}"
         )
+        figures[f"{workers}_workers_images_per_s"] = round(rate, 1)
+    return figures
 
 
 def main() -> None:
@@ -201,10 +219,12 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, image {args.image_size}, crop {args.crop_size}, "
           f"batch {args.batch_size}")
-    train_rate = bench_training(args)
-    bench_tta(args)
-    bench_mean_teacher(args)
-    bench_data(args, train_rate)
+    figures = {"training": bench_training(args), "ten-crop": bench_tta(args),
+               "mean-teacher": bench_mean_teacher(args)}
+    data = bench_data(args, figures["training"]["engine_images_per_s"])
+    if data:
+        figures["data"] = data
+    write_results(__file__, figures, vars(args))
 
 
 if __name__ == "__main__":

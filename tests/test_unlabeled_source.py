@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import radiograph_dicom
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from monai_cxr_ssl.data import ClassFolders, make_synthetic_dataset, prepare_split
 from monai_cxr_ssl.data.unlabeled import ID_PREFIX
@@ -34,16 +33,9 @@ def _png(path: Path, seed: int) -> Path:
 
 
 def _dicom(path: Path, pixels: np.ndarray, header: bool = True) -> Path:
-    """A DX DICOM of ``pixels``: a Part-10 file, or (``header`` False) a bare data set, as some exports write."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "DX"
-    ds.PatientName = "Doe^Jane"  # must never reach a log or the split file
-    ds.PatientID = "PID-0042"
-    ds.set_pixel_data(pixels, "MONOCHROME2", 8)
+    """A DX DICOM of ``pixels`` (``conftest.radiograph_dicom``, with patient tags that must never reach a log or the
+    split file): a Part-10 file, or (``header`` False) a bare data set, as some exports write."""
+    ds = radiograph_dicom(pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
     if header:
         ds.save_as(path, enforce_file_format=True)
