@@ -213,6 +213,8 @@ def test_specific_epochs_win_over_num_epochs():
     [
         ({"keep_fraction": 1.5}, "keep_fraction=1.5"),
         ({"student:aals_t": 2}, "aals_t"),
+        ({"student:aals_t": 0.3}, "no student stage uses aals_t; stages that do: ['pseudo_label']"),
+        ({"finetune:max_unlabeled": 10}, "no finetune stage uses max_unlabeled"),
         ({"keep_fracton": 0.5}, "did you mean keep_fraction"),
         ({"mean_teacher:ema_decay": 0.9}, "has no mean_teacher stage"),
         ({"method": "mean_teacher", "ema_decay": 1.5}, "ema_decay=1.5"),
