@@ -119,3 +119,11 @@ def test_report_renders_a_result_file_and_catches_a_hand_edit(tmp_path: Path):
 def test_readme_stays_short():
     lines = (REPO / "README.md").read_text().splitlines()
     assert len(lines) <= 200, f"README.md has {len(lines)} lines: move details into docs/ (it should stay <= 200)"
+
+
+def test_errors_doc_table_is_the_battery_result():
+    """docs/errors.md quotes bench/results/bad_inputs.md's table as the battery last wrote it, not a hand copy."""
+    def rows(path: Path) -> list[str]:
+        return [line for line in path.read_text().splitlines() if line.startswith("|")]
+
+    assert rows(REPO / "docs" / "errors.md") == rows(REPO / "bench" / "results" / "bad_inputs.md")
