@@ -49,9 +49,14 @@ def read_checkpoint(path: str | os.PathLike, expected: str = MODEL_CHECKPOINT) -
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason}); expected {expected}.") from None
 
 
-def read_state_dict(path: str | os.PathLike, expected: str = MODEL_CHECKPOINT) -> dict[str, torch.Tensor]:
-    """``read_checkpoint`` of a file that must hold a state dict (a mapping of names to tensors)."""
+def read_state_dict(
+    path: str | os.PathLike, expected: str = MODEL_CHECKPOINT, wrapper_key: str | None = None
+) -> dict[str, torch.Tensor]:
+    """``read_checkpoint`` of a file that must hold a state dict (a mapping of names to tensors), or, with
+    ``wrapper_key``, one under that key (``{"state_dict": {...}}``, as training frameworks save them)."""
     state = read_checkpoint(path, expected)
+    if wrapper_key is not None and isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
+        state = state[wrapper_key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: holds a {type(state).__name__} that is not a state dict of tensors; "
                          f"expected {expected}.")

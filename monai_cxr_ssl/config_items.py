@@ -15,7 +15,10 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["BOOKKEEPING_IDS", "MAX_LIST", "ROOTS", "params_of", "resolving_parser", "run_params", "used_config", "uses"]
+__all__ = [
+    "BOOKKEEPING_IDS", "MAX_LIST", "ROOTS", "params_of", "read_ids", "resolving_parser", "run_params", "used_config",
+    "uses",
+]
 
 ROOTS = ("initialize", "run", "finalize")
 # Settings that change where or how fast results are made, not the results: they do not re-run stages and are not
@@ -47,12 +50,16 @@ def _reachable(parser: Any, roots: Iterable[str], skip: Iterable[str] = ()) -> d
     return found
 
 
-def uses(parser: Any, key: str, roots: Sequence[str] = ROOTS) -> bool:
-    """Whether the workflow reads the setting ``key`` (``aals_t``, ``train#trainer#max_epochs``): the id, an item
-    inside it or one containing it is reachable by reference from ``roots``, bookkeeping ids included."""
+def read_ids(parser: Any, roots: Sequence[str] = ROOTS) -> frozenset[str]:
+    """The ids a workflow reads: reachable by reference from ``roots``, bookkeeping ids included."""
+    return frozenset(_reachable(parser, roots))
+
+
+def uses(ids: frozenset[str], key: str) -> bool:
+    """Whether a workflow reading ``ids`` (``read_ids``) reads the setting ``key`` (``aals_t``,
+    ``train#trainer#max_epochs``): the id itself, an item inside it or one containing it."""
     key = key.replace("#", "::")
-    return any(id_ == key or id_.startswith(key + "::") or key.startswith(id_ + "::")
-               for id_ in _reachable(parser, roots))
+    return any(id_ == key or id_.startswith(key + "::") or key.startswith(id_ + "::") for id_ in ids)
 
 
 def used_config(parser: Any, roots: Sequence[str] = ROOTS) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import mlflow
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from monai_cxr_ssl import methods
-from monai_cxr_ssl.config_items import used_config, uses
+from monai_cxr_ssl.config_items import read_ids, used_config, uses
 from monai_cxr_ssl.locking import output_lock
 from monai_cxr_ssl.methods import Step, evaluation, plan, teacher_steps
 from monai_cxr_ssl.results import coverage, format_table1, table1, table1_notes
@@ -155,17 +155,17 @@ class Pipeline:
         plain = {step.config: make_workflow([step.config, *self.overlays], self.bundle).parser.get()
                  for step in self.steps}  # the stages' configs without the overrides, whose keys are checked
         check_override_keys(self.common, plain.values(), extra=PIPELINE_OPTIONS, where="the overrides of every stage")
+        read = [(step, read_ids(parser)) for step, parser in zip(self.steps, parsers, strict=True)
+                if any(self.per_kind.values())]  # the ids each stage reads, for per-stage overrides
         for kind, values in self.per_kind.items():
             configs = [plain[step.config] for step in self.steps if kind in step.kinds]
             if values and not configs:
                 raise ValueError(f"overrides {[f'{kind}:{k}' for k in values]}: the {self.method} pipeline has no "
                                  f"{kind} stage; its stages are {[step.name for step in self.steps]}.")
             check_override_keys(values, configs, where=f"the {kind} stages")
-            kind_parsers = [parser for step, parser in zip(self.steps, parsers, strict=True) if kind in step.kinds]
             for key in values:  # a general num_epochs becomes the stage's own epochs setting
-                if key != "num_epochs" and not any(uses(parser, key) for parser in kind_parsers):
-                    users = sorted({k for step, parser in zip(self.steps, parsers, strict=True) for k in step.kinds
-                                    if k != "evaluate" and uses(parser, key)})
+                if key != "num_epochs" and not any(uses(ids, key) for step, ids in read if kind in step.kinds):
+                    users = sorted({k for step, ids in read for k in step.kinds if k != "evaluate" and uses(ids, key)})
                     raise ValueError(f"override {kind}:{key}: no {kind} stage uses {key}; stages that do: "
                                      f"{users or 'none'}. Set it for those ({users[0] if users else kind}:{key}=...) "
                                      f"or for every stage ({key}=...).")

@@ -181,14 +181,9 @@ def encoder_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.T
 def load_encoder(model: nn.Module, path: str | os.PathLike) -> None:
     """Initialise ``model``'s encoder from the pre-training checkpoint ``path`` (``encoder_state_dict``): a state
     dict, or one under a ``state_dict`` key. A file that does not fit raises a one-line ``ValueError`` naming it."""
-    from monai_cxr_ssl.checkpoints import read_checkpoint
+    from monai_cxr_ssl.checkpoints import read_state_dict
 
-    state = read_checkpoint(path, PRETRAINING_CHECKPOINT)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: holds a {type(state).__name__} that is not a state dict of tensors; expected "
-                         f"{PRETRAINING_CHECKPOINT}.")
+    state = read_state_dict(path, PRETRAINING_CHECKPOINT, wrapper_key="state_dict")
     target = model.state_dict()
     try:
         loaded = encoder_state_dict(state, target)
