@@ -32,6 +32,7 @@ import zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["monai_cxr_ssl/bundles/cxr_classifier/configs/train.json",
         "monai_cxr_ssl/bundles/cxr_classifier/configs/metadata.json",
+        "monai_cxr_ssl/bundles/cxr_classifier/configs/multi_gpu.json",
         "monai_cxr_ssl/bundles/cxr_classifier/configs/logging.conf",
         "monai_cxr_ssl/bundles/cxr_classifier/docs/README.md",
         "monai_cxr_ssl/configs/demo.json", "monai_cxr_ssl/deploy/app.yaml", "monai_cxr_ssl/cli.py"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from monai_cxr_ssl.distributed import unwrap
 from monai_cxr_ssl.utils import read_json, write_json
 
 __all__ = ["MODEL_CHECKPOINT", "PROVENANCE_FILE", "TRAINING_CHECKPOINT", "changed_settings", "load_weights",
@@ -106,7 +107,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, split: dict,
         )
     state = read_state_dict(path)
     try:
-        network.load_state_dict(state)
+        unwrap(network).load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{what} {path} does not fit this network ({first}); check num_classes and the "

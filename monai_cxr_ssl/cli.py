@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_cxr_ssl.launch import Launch, StageFailed
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, OVERLAYS_DIR
 
 # Only light modules are imported up to here: torch, MONAI, MLflow and pandas are imported by the commands that use
@@ -50,19 +51,20 @@ def cmd_synthesize(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.workflow import run_bundle
 
-    run_bundle(args.configs, bundle=args.bundle, **parse_overrides(args.set))
+    run_bundle(args.configs, bundle=args.bundle, launch=_launch(args), **parse_overrides(args.set))
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.pipeline import Pipeline
 
-    Pipeline(args.configs, parse_overrides(args.set), bundle=args.bundle, echo=_echo).run()
+    Pipeline(args.configs, parse_overrides(args.set), bundle=args.bundle, echo=_echo, launch=_launch(args)).run()
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from monai_cxr_ssl.pipeline import run_sweep
 
-    run_sweep(args.configs, parse_overrides(args.set), args.lambdas, args.seeds, bundle=args.bundle, echo=_echo)
+    run_sweep(args.configs, parse_overrides(args.set), args.lambdas, args.seeds, bundle=args.bundle, echo=_echo,
+              launch=_launch(args))
 
 
 def cmd_aals_ablation(args: argparse.Namespace) -> None:
@@ -165,6 +167,31 @@ def _config_arguments(parser: argparse.ArgumentParser, nargs: str, configs_help:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=set_help)
 
 
+def _launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """torchrun's options, for ``run``, ``pipeline`` and ``sweep`` (docs/distributed.md)."""
+    group = parser.add_argument_group("distributed training (torchrun)")
+    group.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                       help="run every stage on N processes of this machine with torchrun (one per GPU; gloo "
+                       "processes without CUDA); default: one process, no torch.distributed")
+    group.add_argument("--nnodes", type=int, default=1, help="machines taking part (default: 1)")
+    group.add_argument("--node-rank", type=int, default=0, help="this machine's index (default: 0)")
+    group.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                       help="machine 0's address and a free port, with --nnodes > 1")
+    group.add_argument("--rdzv-id", default=None, help="the job's id, the same on every machine (default: from "
+                       "the stage folder)")
+
+
+def _launch(args: argparse.Namespace) -> Launch | None:
+    if args.nproc_per_node is None:
+        if args.nnodes != 1 or args.rdzv_endpoint:
+            raise SystemExit("--nnodes and --rdzv-endpoint need --nproc-per-node N (processes per machine)")
+        return None
+    try:
+        return Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
+    except ValueError as err:
+        raise SystemExit(f"monai-cxr-ssl: error: {err}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-cxr-ssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arguments(run, "+", "train, evaluate or inference, then overlays (configs/ names, paths)",
                       "config overrides, e.g. num_epochs=5")
+    _launch_arguments(run)
     run.set_defaults(func=cmd_run)
 
     overlays_help = "overlays for every stage (configs/ names or files)"
@@ -233,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"--set output_dir=runs/k labeled_fraction=0.05 [method=NAME] [pretrain=NAME]",
     )
     _config_arguments(pipe, "*", overlays_help, stage_help)
+    _launch_arguments(pipe)
     pipe.set_defaults(func=cmd_pipeline)
 
     sweep = sub.add_parser(
@@ -244,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(sweep, "*", overlays_help, stage_help)
     sweep.add_argument("--lambdas", type=float, nargs="+", required=True, help="labeled fractions λ, in (0, 1]")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="split and training seeds (default: 0)")
+    _launch_arguments(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
     ablation = sub.add_parser(
@@ -309,7 +339,7 @@ def _user_error(error: BaseException) -> BaseException | str | None:
     config-evaluation errors."""
     cause = error
     while cause is not None:
-        if isinstance(cause, (ValueError, FileNotFoundError)):
+        if isinstance(cause, (ValueError, FileNotFoundError, StageFailed)):  # StageFailed names the failed rank
             return cause
         cause = cause.__cause__
     while error is not None:  # a full disk shows deep in chained errors (checkpoint savers, MLflow, SQLite)

@@ -22,6 +22,9 @@ from pathlib import Path
 logger = logging.getLogger("monai_cxr_ssl")
 
 LOCK_NAME = ".lock"
+# the lock files the launcher of a torchrun job (``monai-cxr-ssl run/pipeline --nproc-per-node``) holds for its
+# workers, separated by os.pathsep: its workers are other processes, which the lock would otherwise refuse
+LAUNCHER_LOCKS = "MONAI_CXR_SSL_LAUNCHER_LOCKS"
 _held: dict[Path, list] = {}  # lock file -> [open file, hold count] in this process
 
 
@@ -40,7 +43,20 @@ def _holder(path: Path) -> str:
             f"({' '.join(info.get('command', []))})")
 
 
+def _rank() -> int:
+    """torchrun's ``RANK`` (light: the CLI imports this module before torch)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def _held_by_launcher(path: Path) -> bool:
+    """Whether this process needs no lock of its own on ``path``: a torchrun rank other than 0 (rank 0 holds it
+    for the job) or a worker whose launcher holds it (``LAUNCHER_LOCKS``)."""
+    return _rank() > 0 or str(path) in os.environ.get(LAUNCHER_LOCKS, "").split(os.pathsep)
+
+
 def _acquire(path: Path, what: str) -> None:
+    if _held_by_launcher(path):
+        return
     if path in _held:
         _held[path][1] += 1
         return
@@ -68,6 +84,8 @@ def _acquire(path: Path, what: str) -> None:
 
 
 def _release(path: Path) -> None:
+    if _held_by_launcher(path):
+        return
     entry = _held[path]
     entry[1] -= 1
     if entry[1] == 0:
@@ -75,6 +93,11 @@ def _release(path: Path) -> None:
         f = entry[0]
         f.truncate(0)  # a clean exit leaves no holder record behind
         f.close()  # closing the descriptor releases the flock
+
+
+def held_locks() -> list[Path]:
+    """The lock files this process holds (a launcher lends them to its torchrun workers)."""
+    return sorted(_held)
 
 
 @contextmanager
@@ -93,6 +116,7 @@ def lock_output_dir(output_dir: str | os.PathLike) -> None:
     """Hold the lock on ``output_dir`` for the rest of this process, unless this process holds it already.
 
     For a bundle's ``initialize`` (plain ``python -m monai.bundle run``); in-process callers use ``output_lock``.
+    Under torchrun rank 0 holds it for the job (the other ranks write nothing there).
     """
     path = Path(output_dir).resolve() / LOCK_NAME
     if path not in _held:

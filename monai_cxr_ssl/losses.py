@@ -37,3 +37,50 @@ class BernoulliKLDivLoss(torch.nn.Module):
         entropy_terms = torch.xlogy(target, target) + torch.xlogy(1 - target, 1 - target)
         kl = entropy_terms - target * log_q - (1 - target) * log_not_q
         return kl.reshape(len(kl), -1).sum(dim=1).mean()
+
+
+class NTXentLoss(torch.nn.Module):
+    """SimCLR's NT-Xent loss of two views ``z1``, ``z2`` (N, D) of N images: the mean over the 2N anchors of the
+    cross-entropy of the anchor's positive (the other view of its image) among the 2N − 1 other embeddings, on cosine
+    similarities over ``temperature``.
+
+    The self-similarity is masked out of a log-sum-exp (``cross_entropy``), so small temperatures (τ = 0.005) stay
+    finite, and the (2N, 2N) similarity matrix is the largest tensor (MONAI's ``ContrastiveLoss`` builds a
+    (2N, 2N, D) one). Under torchrun with ``gather`` the negatives are every rank's
+    (``distributed.all_gather_with_grad``): each rank's loss is the mean over its own anchors, and with DDP's gradient
+    averaging a step equals the one-process step on the whole batch.
+    """
+
+    def __init__(self, temperature: float = 0.1, gather: bool = True) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature (τ) must be > 0, got {temperature}.")
+        self.temperature = temperature
+        self.gather = gather
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        from monai_cxr_ssl import distributed
+
+        if z1.shape != z2.shape or z1.ndim != 2:
+            raise ValueError(f"NTXentLoss needs two (N, D) views of the same shape, got {tuple(z1.shape)} and "
+                             f"{tuple(z2.shape)}.")
+        if len(z1) < 1:
+            raise ValueError("NTXentLoss needs at least one pair.")
+        z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+        n = len(z1)
+        if self.gather and distributed.is_distributed():
+            keys1, keys2 = distributed.all_gather_with_grad(z1), distributed.all_gather_with_grad(z2)
+            offset = distributed.rank() * n
+        else:
+            keys1, keys2, offset = z1, z2, 0
+        total = len(keys1)
+        if total < 2:
+            raise ValueError("NTXentLoss needs at least two pairs over all ranks: one pair has no negatives.")
+        anchors, keys = torch.cat([z1, z2]), torch.cat([keys1, keys2])
+        logits = anchors @ keys.T / self.temperature
+        local = torch.arange(n, device=z1.device) + offset
+        own = torch.cat([local, local + total])  # each anchor's own column, masked out
+        positive = torch.cat([local + total, local])  # the other view of the same image
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        mask[torch.arange(2 * n, device=z1.device), own] = True
+        return F.cross_entropy(logits.masked_fill(mask, float("-inf")), positive)

@@ -14,8 +14,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from ignite.exceptions import NotComputableError
 from ignite.metrics import EpochMetric
 from sklearn.metrics import roc_auc_score
+
+from monai_cxr_ssl import distributed
 
 __all__ = ["MeanDefinedAUROC", "auroc_classes", "defined_classes", "per_class_auroc"]
 
@@ -99,6 +102,21 @@ class MeanDefinedAUROC(EpochMetric):
         else:
             tensor = torch.stack([torch.as_tensor(v) for v in values])
         return tensor.detach().float().reshape(len(tensor), -1)
+
+    def compute(self) -> float:
+        """The mean over this epoch's pairs of every rank: ignite's ``EpochMetric`` gathers only equal-sized shares,
+        and the validation loaders split without padding (duplicates would bias the AUROC)."""
+        if not self._predictions:
+            probs = labels = torch.zeros(0)
+        else:
+            probs, labels = torch.cat(self._predictions), torch.cat(self._targets)
+        if distributed.is_distributed():
+            k = probs.shape[1] if probs.ndim > 1 else len(self.class_names or [])
+            pairs = distributed.gather_in_order(torch.cat([probs.reshape(-1, k), labels.reshape(-1, k)], 1).numpy())
+            probs, labels = torch.as_tensor(pairs[:, :k]), torch.as_tensor(pairs[:, k:])
+        if len(probs) == 0:
+            raise NotComputableError("MeanDefinedAUROC must have at least one example before it can be computed.")
+        return self._mean(probs, labels)
 
     def update(self, output: tuple) -> None:
         probs, labels = output

@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from monai_cxr_ssl import methods
 from monai_cxr_ssl.config_items import read_ids, used_config, uses
+from monai_cxr_ssl.launch import Launch, launch_workflow, multi_gpu_config
 from monai_cxr_ssl.locking import output_lock
 from monai_cxr_ssl.methods import Step, evaluation, plan, teacher_steps
 from monai_cxr_ssl.results import coverage, format_table1, table1, table1_notes
@@ -114,6 +116,8 @@ class Pipeline:
         echo: where progress lines go.
         steps: run these steps instead of the method's (the AALS ablation's variants).
         name: the MLflow run-name stem of the pipeline's run (and, with ``steps``, its method tag).
+        launch: run each stage on several processes with torchrun (``monai_cxr_ssl.launch``); the skipping, the
+            markers and the MLflow parent run stay in this process. None: every stage in this process.
     """
 
     def __init__(
@@ -125,12 +129,17 @@ class Pipeline:
         echo: Callable[[str], None] = print,
         steps: Sequence[Step] | None = None,
         name: str = "pipeline",
+        launch: Launch | None = None,
     ) -> None:
         self.overlays = list(overlays)
         self.common, self.per_kind = split_overrides(dict(overrides or {}))
         self.bundle = bundle
         self.sweep_run_id = parent_run_id
         self.echo = echo
+        self.launch = launch
+        if launch is not None and launch.nnodes > 1 and not launch.rdzv_id:
+            raise ValueError("a pipeline on several machines needs --rdzv-id: the same on every machine and new for "
+                             "each job (e.g. $SLURM_JOB_ID); machine 0 tells the others through it which stages run.")
         parser = make_workflow([methods.TEACHER.config, *self.overlays], bundle, **self.common).parser
         self.rounds = parser.get("rounds", 1)
         # custom steps (the AALS ablation, benchmarks) are recorded under the pipeline's name as their method
@@ -152,7 +161,8 @@ class Pipeline:
         out of range stops the pipeline at once, naming the setting, instead of after the teacher."""
         parsers = [make_workflow([step.config, *self.overlays], self.bundle, **self._overrides(step)).parser
                    for step in self.steps]
-        plain = {step.config: make_workflow([step.config, *self.overlays], self.bundle).parser.get()
+        launched = [multi_gpu_config(self.bundle)] if self.launch is not None else []  # its settings are known
+        plain = {step.config: make_workflow([step.config, *self.overlays, *launched], self.bundle).parser.get()
                  for step in self.steps}  # the stages' configs without the overrides, whose keys are checked
         check_override_keys(self.common, plain.values(), extra=PIPELINE_OPTIONS, where="the overrides of every stage")
         read = [(step, read_ids(parser)) for step, parser in zip(self.steps, parsers, strict=True)
@@ -180,11 +190,46 @@ class Pipeline:
         """Run (or resume) every step; returns the results (``labeled_fraction``, ``seed``, ``auroc`` per column).
 
         The output folder is locked for the run: a second pipeline or stage on it is refused while this one runs.
+        On several machines machine 0 runs the pipeline and the others follow it (``_follow``).
         """
+        if self.launch is not None and self.launch.node_rank > 0:
+            return self._follow()
         with output_lock(self.output_dir):
             return self._run()
 
+    @property
+    def _orders(self) -> Path | None:
+        """Where machine 0 writes, step by step, what the other machines run (several machines only)."""
+        if self.launch is None or self.launch.nnodes == 1:
+            return None
+        return self.output_dir / ".nodes" / re.sub(r"[^\w.-]", "_", self.launch.rdzv_id)
+
+    def _order(self, index: int, order: dict) -> None:
+        if self._orders is not None:
+            write_json(self._orders / f"{index}.json", order)
+
+    def _follow(self, poll_s: float = 0.5, timeout_s: float = 3600.0) -> dict:
+        """A machine other than 0: run each stage machine 0 launches, as it orders in ``_orders`` (the output folder
+        is shared, as the stages' inputs must be), and nothing else (no markers, MLflow or results)."""
+        for index, step in enumerate(self.steps, 1):
+            path = self._orders / f"{index}.json"
+            deadline = time.monotonic() + timeout_s
+            while not path.is_file():
+                if (self._orders / "end.json").is_file():
+                    return {}
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path}: machine 0 gave no order for step {step.name} in {timeout_s:.0f} s; "
+                                       "is it running the same pipeline with the same --rdzv-id?")
+                time.sleep(poll_s)
+            order = read_json(path, "pipeline order", "start the pipeline again on every machine")
+            if order["run"]:
+                self.echo(f"[{index}/{len(self.steps)}] {step.name}: running with machine 0")
+                launch_workflow(order["configs"], self.bundle, order["overrides"], self.launch)
+        return {}
+
     def _run(self) -> dict:
+        if self._orders is not None:  # an earlier job's orders (its id should be new: --rdzv-id)
+            shutil.rmtree(self._orders, ignore_errors=True)
         client = tracking_client(self.tracking_uri)
         experiment = experiment_id(client, self.experiment_name)
         parent = self._parent_run(client, experiment)
@@ -198,11 +243,13 @@ class Pipeline:
                         "to learn from without labels, so the pipeline stops after the (fully supervised) teacher."
                     )
                     break
-                outputs[step.name] = self._run_step(f"[{index}/{len(self.steps)}] {step.name}", step, outputs, client,
-                                                    parent)
+                outputs[step.name] = self._run_step(index, step, outputs, client, parent)
         except BaseException:
             client.set_terminated(parent, "FAILED")
             raise
+        finally:
+            if self._orders is not None:
+                write_json(self._orders / "end.json", {})
         return self._finish(client, parent, outputs)
 
     def _num_unlabeled(self) -> int:
@@ -227,8 +274,9 @@ class Pipeline:
         return run_id
 
     def _run_step(
-        self, label: str, step: Step, outputs: dict[str, dict], client: mlflow.MlflowClient, parent: str
+        self, index: int, step: Step, outputs: dict[str, dict], client: mlflow.MlflowClient, parent: str
     ) -> dict:
+        label = f"[{index}/{len(self.steps)}] {step.name}"
         workflow = make_workflow([step.config, *self.overlays], self.bundle, **self._overrides(step),
                                  mlflow_parent_run_id=parent)
         parser = workflow.parser
@@ -241,6 +289,7 @@ class Pipeline:
         record_file = Path(parser.get_parsed_content("mlflow_run_record"))
         if done is not None and done["key"] == key:
             self.echo(f"{label}: done earlier with the same settings and inputs; skipped")
+            self._order(index, {"run": False})
             run = TrackedRun(client, record_file)
             if not run.flush():  # tracking calls it kept while the MLflow store was away
                 self.echo(f"{label}: the MLflow store is unreachable; its tracking calls stay in {run.pending_file}")
@@ -266,7 +315,14 @@ class Pipeline:
                                     pending_file_of(evaluate_record).name})
         record = {"key": key, "step": step.name, "config": used, "inputs": inputs}
         write_json(started_file, record)
-        run_workflow(workflow)  # its MLflow handler continues the recorded run if it resumes, else starts one
+        # its MLflow handler continues the recorded run if it resumes, else starts one
+        if self.launch is None:
+            run_workflow(workflow)
+        else:
+            configs = [step.config, *self.overlays]
+            overrides = {**self._overrides(step), "mlflow_parent_run_id": parent}
+            self._order(index, {"run": True, "configs": configs, "overrides": overrides})
+            launch_workflow(configs, self.bundle, overrides, self.launch)
         record["run_id"] = read_json(record_file, "MLflow run record", "re-run the stage")["run_id"]
         record["output"] = uuid.uuid4().hex  # identifies this result: stages reading it re-run when it is re-made
         if step.column:
@@ -318,10 +374,11 @@ def run_sweep(
     seeds: Sequence[int] = (0,),
     bundle: str | Path = DEFAULT_BUNDLE,
     echo: Callable[[str], None] = print,
+    launch: Launch | None = None,
 ) -> list[dict]:
     """Run the pipeline for every λ × seed, each in ``<output_dir>/lambda<λ>-seed<s>``, under one MLflow sweep run,
     then print and log Table I with mean ± std over seeds (``<output_dir>/table1.md``, ``table1.json``). The
-    sweep's folder is locked while it runs."""
+    sweep's folder is locked while it runs; ``launch`` runs the stages on several processes (``Pipeline``)."""
     if not labeled_fractions or not seeds:
         raise ValueError("a sweep needs at least one labeled fraction and one seed.")
     common, _ = split_overrides(dict(overrides))
@@ -329,9 +386,14 @@ def run_sweep(
     base = Path(parser.get_parsed_content("output_dir"))
     pipelines = [  # made first: each checks its settings, so a bad λ stops the sweep before any training
         Pipeline(overlays, {**overrides, "labeled_fraction": fraction, "seed": seed,
-                            "output_dir": str(base / f"lambda{fraction}-seed{seed}")}, bundle, echo=echo)
+                            "output_dir": str(base / f"lambda{fraction}-seed{seed}")}, bundle, echo=echo,
+                 launch=launch)
         for fraction in labeled_fractions for seed in seeds
     ]
+    if launch is not None and launch.node_rank > 0:  # another machine: each pipeline follows machine 0's
+        for pipeline in pipelines:
+            pipeline.run()
+        return []
     with output_lock(base):  # the sweep's folder; each pipeline locks its own sub-folder too
         client = tracking_client(parser.get_parsed_content("tracking_uri"))
         experiment = experiment_id(client, parser.get_parsed_content("experiment_name"))

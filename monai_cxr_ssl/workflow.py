@@ -18,6 +18,8 @@ from monai_cxr_ssl.utils import atomic_write, write_json
 if TYPE_CHECKING:  # MONAI (and torch) are imported where a workflow is made: the CLI's start path imports this module
     from monai.bundle import ConfigParser, ConfigWorkflow
 
+    from monai_cxr_ssl.launch import Launch
+
 logger = logging.getLogger("monai_cxr_ssl")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -105,18 +107,21 @@ def run_workflow(workflow: ConfigWorkflow) -> ConfigWorkflow:
     created is taken away again: the executed config (an earlier one is put back) and the split file if this
     run made it. A failure that leaves a resumable checkpoint keeps both: the resumed run needs them.
     """
+    from monai_cxr_ssl.distributed import is_main_process
+
     parser = workflow.parser
     lock = output_lock(parser.get_parsed_content("output_dir")) if "output_dir" in parser else nullcontext()
     with lock:
         before = _Snapshot(parser)
         try:
-            workflow.initialize()
-            if "executed_config" in parser:
+            workflow.initialize()  # under torchrun (multi_gpu.json) this starts the process group
+            if "executed_config" in parser and is_main_process():
                 write_json(before.executed_config, parser.get())
             workflow.run()
             workflow.finalize()
         except BaseException:
-            before.undo_if_not_resumable()
+            if is_main_process():
+                before.undo_if_not_resumable()
             raise
     return workflow
 
@@ -163,10 +168,23 @@ def _stamp(path: Path | None) -> tuple[int, int] | None:
 
 
 def run_bundle(
-    configs: Sequence[str], bundle: str | os.PathLike = DEFAULT_BUNDLE, **overrides: Any
+    configs: Sequence[str], bundle: str | os.PathLike = DEFAULT_BUNDLE, launch: Launch | None = None,
+    **overrides: Any
 ) -> ConfigWorkflow:
-    """Make a bundle workflow, check the override keys and every setting (``monai_cxr_ssl.settings``), run it."""
+    """Make a bundle workflow, check the override keys and every setting (``monai_cxr_ssl.settings``), run it: in
+    this process, or with ``launch`` on several (``monai_cxr_ssl.launch``; the workflow returned is then this
+    process's, not run)."""
+    from monai_cxr_ssl.launch import launch_workflow, multi_gpu_config
+
     workflow = make_workflow(configs, bundle, **overrides)
-    check_override_keys(overrides, [make_workflow(configs, bundle).parser.get()], where="the overrides")
+    known = [*configs, multi_gpu_config(bundle)] if launch is not None else configs  # its settings too
+    check_override_keys(overrides, [make_workflow(known, bundle).parser.get()], where="the overrides")
     check_settings(workflow.parser)
-    return run_workflow(workflow)
+    if launch is None:
+        return run_workflow(workflow)
+
+    # machine 0 holds the output folder for the job (the others' workers write nothing there)
+    lock = output_lock(workflow.parser.get_parsed_content("output_dir")) if launch.node_rank == 0 else nullcontext()
+    with lock:
+        launch_workflow(configs, bundle, overrides, launch)
+    return workflow

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_cxr_ssl.losses import BernoulliKLDivLoss, MaskedBCEWithLogitsLoss
+from monai_cxr_ssl.losses import BernoulliKLDivLoss, MaskedBCEWithLogitsLoss, NTXentLoss
 
 
 def test_equals_bce_without_nan():
@@ -52,3 +52,20 @@ def test_bernoulli_kl_is_zero_at_the_target_and_finite_for_confident_students():
     assert loss.item() == pytest.approx(160.0, rel=1e-6)  # log-sigmoid(−80) = −80 (to 1e-35) for each class
     # d KL / dz = sigmoid(z) − target: 1 − 0 and 0 − 1 (to float precision), finite
     torch.testing.assert_close(logits.grad, torch.tensor([[1.0, -1.0]]))
+
+
+def test_nt_xent_known_answers_on_one_process():
+    """Cases A and C (docs/distributed.md has C's per-rank answers, tests/test_distributed.py checks them)."""
+    z1, z2 = torch.tensor([[1.0, 0], [0, 1]]), torch.tensor([[1.0, 1], [-1, 1]])  # normalised by the loss
+    for t, expected in ((0.5, 0.535969), (0.1, 0.347211), (1.0, 0.732602)):
+        assert NTXentLoss(temperature=t)(z1, z2).item() == pytest.approx(expected, abs=1e-6)
+    z1 = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]])
+    z2 = torch.tensor([[0.9, 0.1, 0], [0.2, 0.8, 0.1], [0, 0.3, 0.7], [1, 0.5, 1]])
+    assert NTXentLoss(temperature=0.1)(z1, z2).item() == pytest.approx(0.167118, abs=1e-6)
+    # each half alone: its pairs without the other half's negatives
+    assert NTXentLoss(temperature=0.1)(z1[:2], z2[:2]).item() == pytest.approx(0.001333, abs=1e-6)
+    assert NTXentLoss(temperature=0.1)(z1[2:], z2[2:]).item() == pytest.approx(0.179401, abs=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        NTXentLoss(temperature=0)
+    with pytest.raises(ValueError, match="one pair has no negatives"):
+        NTXentLoss()(z1[:1], z2[:1])

@@ -136,7 +136,8 @@ def test_bundle_selects_the_best_epoch_when_a_class_has_no_validation_positive(l
                        "label_columns": ["A", "B", "C"], "split_column": "split"},
         "output_dir": str(tmp_path / "out"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "experiment_name": "selection", "labeled_fraction": 1.0, "image_size": 32, "crop_size": 32,
-        "batch_size": 12, "num_epochs": 3, "num_workers": 0, "learning_rate": 0.001, "seed": 0,
+        # seed 3: a split and sampling order where the validation AUROC improves after epoch 1 (what is tested)
+        "batch_size": 12, "num_epochs": 3, "num_workers": 0, "learning_rate": 0.001, "seed": 3,
     }
     configs = REPO_ROOT / "bundles" / "cxr_classifier" / "configs"
     done = subprocess.run(

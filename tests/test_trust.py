@@ -296,5 +296,29 @@ def test_patient_in_both_official_lists_is_refused(tmp_path):
 
 def test_samples_per_epoch():
     assert [samples_per_epoch(n, 4) for n in (2, 4, 5, 6, 9)] == [2, 4, 4, 6, 8]
+    # two ranks: a rank's share is rounded up (the sampler pads), its last batch never a single image
+    assert [samples_per_epoch(n, 4, world_size=2) for n in (3, 8, 9, 10, 16)] == [4, 8, 8, 8, 16]
+    with pytest.raises(ValueError, match="too few for 2 processes"):
+        samples_per_epoch(2, 4, world_size=2)
     with pytest.raises(ValueError, match="single image"):
         samples_per_epoch(1, 4)
+
+
+def test_epoch_sampler_splits_one_sequence_over_the_ranks():
+    from monai_cxr_ssl.data import EpochSampler
+
+    data = list(range(10))
+    one = EpochSampler(data, num_samples=12, seed=3, num_replicas=1, rank=0)
+    ranks = [EpochSampler(data, num_samples=12, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    for epoch in (1, 2):
+        for sampler in (one, *ranks):
+            sampler.set_epoch(epoch)
+        sequence = list(one)
+        assert len(sequence) == 12 and set(sequence[:10]) == set(data)  # a permutation, then the next one begins
+        assert list(ranks[0]) == sequence[0::2] and list(ranks[1]) == sequence[1::2]
+        assert len(ranks[0]) == 6
+    one.set_epoch(1)
+    first = list(one)
+    assert first != sequence  # another epoch, another order
+    assert list(EpochSampler(data, seed=3, num_replicas=1, rank=0)) != list(EpochSampler(data, seed=4, num_replicas=1,
+                                                                                         rank=0))

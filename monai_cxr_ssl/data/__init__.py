@@ -21,7 +21,7 @@ from monai_cxr_ssl.data.readers import (
     read_dicom_dataset,
     scan_images,
 )
-from monai_cxr_ssl.data.sampling import samples_per_epoch
+from monai_cxr_ssl.data.sampling import EpochSampler, epoch_seed, samples_per_epoch
 from monai_cxr_ssl.data.splits import (
     check_num_classes,
     fingerprint,
@@ -41,6 +41,7 @@ __all__ = [
     "CHESTXRAY14_PATHOLOGIES",
     "ChestXray14",
     "ClassFolders",
+    "EpochSampler",
     "CsvSource",
     "ImageReadError",
     "LoadCXRImage",
@@ -51,6 +52,7 @@ __all__ = [
     "check_num_classes",
     "dicom_to_image",
     "drop_duplicates",
+    "epoch_seed",
     "find_images",
     "fingerprint",
     "inference_datalist",

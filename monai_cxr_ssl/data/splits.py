@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from monai_cxr_ssl import distributed
 from monai_cxr_ssl.data.unlabeled import ID_PREFIX, drop_duplicates, load_unlabeled_source
 from monai_cxr_ssl.utils import read_json, write_json
 
@@ -398,6 +399,7 @@ def _chosen_classes(classes: Sequence[str] | None, available: Sequence[str], sou
     return [list(available).index(c) for c in classes]
 
 
+@distributed.main_process_first()  # under torchrun rank 0 makes the file, the other ranks read it
 def prepare_split(
     source,
     split_file: str | os.PathLike,

@@ -19,6 +19,7 @@ from ignite.engine import Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.utils.enums import CommonKeys as Keys
+from torch.utils.data import DistributedSampler
 
 __all__ = ["SemiSupervisedTrainer"]
 
@@ -74,6 +75,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
 
     def _restart_unlabeled(self) -> None:
         self._unlabeled = None
+        sampler = getattr(self.unlabeled_data_loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):  # MONAI sets the epoch of the main loader's sampler only
+            sampler.set_epoch(self.state.epoch)
 
     def _next_unlabeled(self) -> None:
         """Take the iteration's unlabeled batch, its tensors moved to the device, starting the loader over when it

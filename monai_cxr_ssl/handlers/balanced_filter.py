@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from monai_cxr_ssl import distributed
 from monai_cxr_ssl.filtering import (
     QUOTA_PREVALENCES,
     balanced_filter,
@@ -85,7 +86,9 @@ class BalancedFilter:
         self.quota_prevalence = quota_prevalence
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        """Attach on rank 0 only: under torchrun it reads the file rank 0's ``PseudoLabelWriter`` wrote."""
+        if distributed.is_main_process():
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         header, ids, probs, labels = read_pseudo_labels(

@@ -14,6 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
+from monai_cxr_ssl import distributed
 from monai_cxr_ssl.checkpoints import (
     PROVENANCE_FILE,
     TRAINING_CHECKPOINT,
@@ -40,6 +41,8 @@ class _AtomicFileSaver(DiskSaver):
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if distributed.rank() != self.save_on_rank:  # DiskSaver writes on one rank only
+            return
         try:
             super().__call__(checkpoint, self.filename, metadata)
         except (OSError, RuntimeError) as err:  # torch reports a full disk as "file write failed" (RuntimeError)
@@ -71,7 +74,7 @@ class _ChosenModel:
         self.owner = owner
 
     def state_dict(self) -> dict[str, Any]:
-        return self.owner.candidates[self.owner.chosen].state_dict()
+        return distributed.unwrap(self.owner.candidates[self.owner.chosen]).state_dict()  # no DDP "module." prefix
 
 
 class BestCheckpoint:
@@ -155,6 +158,10 @@ class ResumableCheckpoint:
     handler back to the trainer. Attach it last in the trainer's handlers so the saved state
     includes that epoch's validation and learning-rate step.
 
+    Under torchrun rank 0 writes, every rank reads, and the ranks wait for each other after each save (so that a
+    kill between epochs finds the same ``last.pt`` on every rank); the network is saved unwrapped (ignite's
+    ``Checkpoint`` unwraps DDP), the files are those of one process.
+
     ``settings`` (the stage's params, ``monai_cxr_ssl.config_items.run_params``) and ``split_fingerprint`` are
     recorded in ``save_dir``'s ``provenance.json`` when training starts. A ``last.pt`` is resumed only when it was
     made with the same settings (the epoch counts may differ: a longer run continues, since every epoch is seeded on
@@ -217,6 +224,7 @@ class ResumableCheckpoint:
             engine.add_event_handler(Events.STARTED, self._start_over)
         engine.add_event_handler(Events.STARTED, self._record)
         engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, distributed.barrier)
 
     def _load(self, engine: Engine) -> None:
         checkpoint = read_checkpoint(self.path, TRAINING_CHECKPOINT)
@@ -237,6 +245,8 @@ class ResumableCheckpoint:
 
     def _start_over(self, engine: Engine) -> None:
         """Delete what an earlier run left in ``save_dir`` (its ``last.pt`` and best model), so nothing stale stays."""
+        if not distributed.is_main_process():
+            return
         names = {self.filename, PROVENANCE_FILE}
         names |= {obj.checkpoint.save_handler.filename for obj in self.save_dict.values()
                   if isinstance(obj, BestCheckpoint)}
@@ -247,4 +257,6 @@ class ResumableCheckpoint:
             logger.info("resume=false: starting over; removed %s from %s.", ", ".join(removed), self.save_dir)
 
     def _record(self, engine: Engine) -> None:
-        write_provenance(self.save_dir, self.split_fingerprint, self.settings)
+        if distributed.is_main_process():
+            write_provenance(self.save_dir, self.split_fingerprint, self.settings)
+        distributed.barrier()

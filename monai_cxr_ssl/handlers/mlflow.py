@@ -14,6 +14,7 @@ from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 from monai.utils import flatten_dict
 
+from monai_cxr_ssl import distributed
 from monai_cxr_ssl.tracking import SUPERSEDED_SUFFIX, TrackedRun, is_outage, prepare_tracking
 
 logger = logging.getLogger("monai_cxr_ssl")
@@ -29,7 +30,8 @@ class MLFlowRunHandler(MLFlowHandler):
     otherwise it creates a new run, a child of ``parent_run_id`` if given, and marks the recorded run, if
     unfinished, killed and renamed ``<name>-superseded``. Tracking calls that cannot reach the store are kept
     beside the record (``mlflow_pending.jsonl``, see ``TrackedRun``) and sent when it answers, at the latest when
-    the run ends or is resumed, so training never waits for or fails on the tracking server.
+    the run ends or is resumed, so training never waits for or fails on the tracking server. Under torchrun it
+    attaches on rank 0 only.
 
     Args:
         tracking_uri: as for ``MLFlowHandler`` (``MLFLOW_TRACKING_URI`` wins); with ``run_of``, run_of's (as are the
@@ -71,6 +73,11 @@ class MLFlowRunHandler(MLFlowHandler):
         self.run_of = run_of
         self.retry_interval = retry_interval
         self.run: TrackedRun | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Attach on rank 0 only: under torchrun one process logs the stage's run."""
+        if distributed.is_main_process():
+            super().attach(engine)
 
     def start(self, engine: Engine) -> None:
         """Pick or create the run (once), then log the parameters."""

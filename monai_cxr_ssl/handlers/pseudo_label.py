@@ -12,6 +12,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 from monai.utils import convert_to_numpy
 
+from monai_cxr_ssl import distributed
 from monai_cxr_ssl.evaluation import auroc_report
 from monai_cxr_ssl.pseudo_labels import PseudoLabelFileWriter, pseudo_label_header, read_pseudo_labels
 from monai_cxr_ssl.utils import atomic_write
@@ -32,6 +33,9 @@ class PseudoLabelWriter:
     with ``include_labels``, ``pseudo_label_accuracy`` and ``pseudo_label_auroc``, means over the classes) to
     ``engine.state.metrics``, so that a metrics logger attached after it (``MLFlowHandler``) records them and can
     log ``output_file`` and ``histogram_file`` as artifacts.
+
+    Under torchrun (each rank pseudo-labelling its share, ``multi_gpu.json``) the rows are gathered at
+    ``EPOCH_COMPLETED`` and rank 0 writes them in the dataset's order: the file is the one a single process writes.
 
     Attach it before handlers that re-raise on ``EXCEPTION_RAISED`` (``StatsHandler``): ignite runs only the
     handlers of that event up to the first that raises, and this one must delete its temporary file.
@@ -82,6 +86,7 @@ class PseudoLabelWriter:
         self._histogram = np.zeros((len(self.class_names), NUM_BINS), dtype=np.int64)
         self._prob_sum = np.zeros(len(self.class_names))
         self._predicted_positive = np.zeros(len(self.class_names), dtype=np.int64)
+        self._rows: list[tuple] = []  # under torchrun, this rank's rows until the pass ends
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._open)
@@ -92,6 +97,14 @@ class PseudoLabelWriter:
 
     def _open(self, engine: Engine) -> None:
         self._abort(engine)
+        self._rows = []
+        self._histogram[:] = 0
+        self._prob_sum[:] = 0
+        self._predicted_positive[:] = 0
+        self._with_labels = False
+        self.summary = None
+        if not distributed.is_main_process():
+            return
         # A killed run (SIGKILL, power loss) cannot delete its temporary file; the run that redoes the pass does.
         # Only one run writes into an output folder at a time (monai_cxr_ssl.locking), so none of these is live.
         for stale in self.output_file.parent.glob(f".{self.output_file.name}.*.tmp"):
@@ -101,11 +114,6 @@ class PseudoLabelWriter:
             self.split_fingerprint,
         )
         self._writer = PseudoLabelFileWriter(self.output_file, header)
-        self._histogram[:] = 0
-        self._prob_sum[:] = 0
-        self._predicted_positive[:] = 0
-        self._with_labels = False
-        self.summary = None
 
     def _write(self, engine: Engine) -> None:
         probs, labels = self.output_transform(engine.state.output)
@@ -114,14 +122,31 @@ class PseudoLabelWriter:
             labels = np.stack([convert_to_numpy(y, dtype=np.float32) for y in labels])
         else:
             labels = None
+        ids = self.id_transform(engine.state.batch)
+        if distributed.is_distributed():  # rows wait for the other ranks' (_commit)
+            self._rows += [(i, p, None if labels is None else y)
+                           for i, p, y in zip(ids, probs, labels if labels is not None else probs, strict=True)]
+        else:
+            self._add(ids, probs, labels)
+
+    def _add(self, ids: list[str], probs: np.ndarray, labels: np.ndarray | None) -> None:
+        """Write rows to the file and count them into the histograms."""
         self._with_labels = labels is not None
-        self._writer.write(self.id_transform(engine.state.batch), probs, labels)
+        self._writer.write(ids, probs, labels)
         for k in range(len(self.class_names)):
             self._histogram[k] += np.histogram(probs[:, k], bins=self.bin_edges)[0]
         self._prob_sum += probs.sum(axis=0)
         self._predicted_positive += (probs >= 0.5).sum(axis=0)
 
     def _commit(self, engine: Engine) -> None:
+        if distributed.is_distributed():
+            rows = distributed.gather_in_order(self._rows)  # the dataset's order, as one process writes it
+            self._rows = []
+            if not distributed.is_main_process():
+                return
+            if rows:
+                labels = None if rows[0][2] is None else np.stack([r[2] for r in rows])
+                self._add([r[0] for r in rows], np.stack([r[1] for r in rows]), labels)
         self._writer.commit()
         count = self._writer.count
         self._writer = None

@@ -10,7 +10,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 
-from monai_cxr_ssl.evaluation import write_report
+from monai_cxr_ssl import distributed
+from monai_cxr_ssl.evaluation import auroc_report, write_report
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -26,6 +27,8 @@ class AUROCReport:
 
     ``output_transform`` maps ``engine.state.output`` to ``(probabilities, labels)``; the default suits the
     bundle's evaluators, whose post-processing turns logits into probabilities (``monai_cxr_ssl.probabilities``).
+    Under torchrun (each rank evaluating its share, ``multi_gpu.json``) the pairs are gathered first, in the
+    dataset's order, and rank 0 writes the files: they are those of one process.
     """
 
     def __init__(
@@ -57,9 +60,16 @@ class AUROCReport:
         self._labels.append(torch.stack([torch.as_tensor(y) for y in labels]).detach().cpu().float().numpy())
 
     def _write(self, engine: Engine) -> None:
-        probs = np.concatenate(self._probs).reshape(-1, len(self.class_names))
-        labels = np.concatenate(self._labels).reshape(-1, len(self.class_names))
-        self.report = write_report(labels, probs, self.class_names, self.output_dir, self.prefix)
+        k = len(self.class_names)
+        # under torchrun: every rank's rows in the dataset's order; rank 0 writes, every rank reports
+        rows = [np.concatenate([p.reshape(-1, k), y.reshape(-1, k)], axis=1) for p, y in zip(self._probs, self._labels,
+                                                                                           strict=True)]
+        pairs = distributed.gather_in_order(np.concatenate(rows) if rows else np.zeros((0, 2 * k), np.float32))
+        probs, labels = pairs[:, :k], pairs[:, k:]
+        if distributed.is_main_process():
+            self.report = write_report(labels, probs, self.class_names, self.output_dir, self.prefix)
+        else:
+            self.report = auroc_report(labels, probs, self.class_names)
         for name, value in self.report["auroc"].items():
             if value is not None:
                 engine.state.metrics[f"{self.prefix}_auroc_{name}"] = value

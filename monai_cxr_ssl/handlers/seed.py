@@ -9,22 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 from ignite.engine import Engine, Events
 from monai.data.utils import set_rnd
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 32-bit seed for ``epoch`` of a run seeded ``seed``, independent for every pair."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+from monai_cxr_ssl import distributed
+from monai_cxr_ssl.data.sampling import epoch_seed
 
 
 class EpochSeed:
-    """At the start of every epoch, seed Python, NumPy and torch from ``(seed, epoch)``, and the random transforms
-    of the loaders that load in the main process (``num_workers=0``; worker processes seed theirs from torch's
-    generator when the epoch's iterator starts them).
+    """At the start of every epoch, seed Python, NumPy and torch from ``(seed, epoch)`` (and the rank, under
+    torchrun), and the random transforms of the loaders that load in the main process (``num_workers=0``; worker
+    processes seed theirs from torch's generator when the epoch's iterator starts them).
 
     Args:
         seed: the run's seed.
@@ -48,7 +45,9 @@ class EpochSeed:
             raise ValueError("EpochSeed cannot reseed persistent loader workers; set persistent_workers=False.")
 
     def __call__(self, engine: Engine) -> None:
-        seed = epoch_seed(self.seed, engine.state.epoch)
+        # each rank its own augmentations (the samplers split the images, EpochSampler)
+        ranks = (distributed.rank(),) if distributed.is_distributed() else ()
+        seed = epoch_seed(self.seed, engine.state.epoch, *ranks)
         set_determinism(seed=seed)
         for loader in self._loaders(engine):
             if getattr(loader, "num_workers", 0) == 0:  # any iterable the engine runs on; workers seed themselves

@@ -1,0 +1,80 @@
+"""What the distributed tests look at inside torchrun workers (on ``PYTHONPATH`` there, from ``tests/``).
+
+- ``Checksums``: a trainer handler (overlay ``tests/data/ddp_probe.json``) that, after every epoch, all-gathers a
+  checksum of the student and of the EMA teacher from every rank; rank 0 appends them to ``<probe_file>.jsonl``. Every
+  rank also writes its pid to ``<probe_file>.rank<r>.pid`` when training starts (the test kills one rank).
+- ``python tests/ddp_probe.py <out>`` under torchrun: NT-Xent case C (``CASE_C``, τ = 0.1; its known answers are in
+  docs/distributed.md) split over the ranks, with and without gathered negatives, and the DDP gradients of a linear
+  map that makes the embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+
+# NT-Xent case C: two views of four images
+CASE_C = (
+    [[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]],
+    [[0.9, 0.1, 0], [0.2, 0.8, 0.1], [0, 0.3, 0.7], [1, 0.5, 1]],
+)
+
+
+def checksum(module: torch.nn.Module) -> list[float]:
+    """Sum and sum of squares of every parameter and floating buffer, in float64."""
+    values = [t.detach().double().reshape(-1) for t in (*module.parameters(), *module.buffers())
+              if t.is_floating_point()]
+    flat = torch.cat(values)
+    return [float(flat.sum()), float((flat * flat).sum())]
+
+
+class Checksums:
+    def __init__(self, probe_file: str, teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+        self.probe_file, self.teacher, self.student = probe_file, teacher, student
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._pid)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._gather)
+
+    def _pid(self, engine: Engine) -> None:
+        Path(f"{self.probe_file}.rank{dist.get_rank()}.pid").write_text(str(os.getpid()))
+
+    def _gather(self, engine: Engine) -> None:
+        from monai_cxr_ssl.distributed import unwrap
+
+        mine = {"teacher": checksum(self.teacher), "student": checksum(unwrap(self.student))}
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        if dist.get_rank() == 0:
+            with open(f"{self.probe_file}.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": engine.state.epoch, "ranks": every}) + "\n")
+
+
+def _case_c(out: str) -> None:
+    from monai_cxr_ssl.distributed import init_process_group
+    from monai_cxr_ssl.losses import NTXentLoss
+
+    init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    z1, z2 = (torch.tensor(v)[rank * 2: rank * 2 + 2] for v in CASE_C)
+    # the embeddings made by a linear map, so that DDP averages the gradients of its weight as in training
+    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3, bias=False))
+    with torch.no_grad():
+        net.module.weight.copy_(torch.eye(3))
+    loss = NTXentLoss(temperature=0.1)(net(z1), net(z2))
+    loss.backward()
+    alone = NTXentLoss(temperature=0.1, gather=False)(z1, z2)
+    result = {"rank": rank, "world": world, "loss": loss.item(), "without_gathering": alone.item(),
+              "weight_grad": net.module.weight.grad.tolist()}
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _case_c(sys.argv[1])
