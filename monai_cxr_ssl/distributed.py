@@ -8,10 +8,12 @@ no second code path. ``multi_gpu.json`` (the bundle's overlay) calls :func:`init
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
 import sys
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +31,13 @@ __all__ = [
 logger = logging.getLogger("monai_cxr_ssl")
 
 BACKENDS = ("auto", "nccl", "gloo")
+
+# no buffer broadcast at every forward: torch 2.13 renamed broadcast_buffers (deprecated, with a FutureWarning)
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel)
+                           .parameters else {"broadcast_buffers": False})
+# the DDP wrappers data_parallel made, whose reducers destroy_process_group lets go of first (see there)
+_WRAPPERS: weakref.WeakSet = weakref.WeakSet()
 
 
 def is_distributed() -> bool:
@@ -121,10 +130,22 @@ def _quiet_logging() -> None:
 
 
 def destroy_process_group() -> None:
-    """Leave the process group at the end of a run (all ranks together), if there is one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group at the end of a run (all ranks together), if there is one.
+
+    The DDP wrappers made by :func:`data_parallel` let go of their reducers first. A reducer holds the process group
+    too; freed later (when the wrapper is garbage), it would hold the last reference and destroy the gloo group with
+    the GIL held, whose worker thread may at that moment need the GIL to free a finished all-reduce: a deadlock at
+    exit. Freed here, while the group is still registered, it is not the last holder; ``dist.destroy_process_group``
+    then frees the group, releasing the GIL as it does. The wrappers cannot train afterwards.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    for wrapper in list(_WRAPPERS):
+        for name in ("logger", "reducer"):  # the logger holds the reducer
+            wrapper.__dict__.pop(name, None)
+    _WRAPPERS.clear()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -154,19 +175,21 @@ def data_parallel(module: torch.nn.Module, device: torch.device | str | None = N
     statistics would follow its own images: the wrapper then averages them over the ranks after every training
     forward (:func:`average_buffers`), so that every rank holds the same model at all times (the EMA teacher made
     from it, the validation, rank 0's checkpoint). Buffers are never broadcast at a forward
-    (``broadcast_buffers=False``): evaluation forwards, of which the ranks may run different numbers (unpadded
-    shares), stay free of collectives.
+    (``forward_sync_buffers=False``, ``broadcast_buffers=False`` before torch 2.13): evaluation forwards, of which the
+    ranks may run different numbers (unpadded shares), stay free of collectives.
     """
     device = torch.device(device) if device is not None else local_device()
     module = module.to(device)
     if not is_distributed():
         return module
     ids = [device.index] if device.type == "cuda" else None
-    if dist.get_backend() == "nccl":  # the running statistics are those of the whole batch on every rank
+    nccl = dist.get_backend() == "nccl"
+    if nccl:  # the running statistics are those of the whole batch on every rank
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
-    wrapped = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
-    wrapped.register_forward_hook(_average_after_training_forward)
+    wrapped = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, **_NO_FORWARD_BUFFER_SYNC)
+    if not nccl:
+        wrapped.register_forward_hook(_average_after_training_forward)
+    _WRAPPERS.add(wrapped)
     return wrapped
 
 

@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,10 +25,10 @@ PAUSE_AFTER_EPOCH_1 = Path(__file__).resolve().parent / "data" / "pause_after_ep
 
 
 def shared_path(*parts: str) -> Path:
-    """A path under the real-data folder; the test skips, naming it, when it is absent."""
+    """A path under the real-data folder; the test skips, naming it and how to point elsewhere, when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data {path} is absent")
+        pytest.skip(f"real data {path} is absent (set MONAI_CXR_SSL_SHARED_DATA to the folder that holds it)")
     return path
 
 
@@ -49,6 +51,53 @@ def wait_for_pause(proc: subprocess.Popen, pause_file: Path, log: Path | None = 
             proc.kill()
             pytest.fail("the run did not reach the end of epoch 1 in time")
         time.sleep(0.05)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (torchrun starts its workers in sessions of their own), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.extend(kids := children.get(todo.pop(), []))
+        todo.extend(kids)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it."""
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_processes(cmd: list[str], timeout: float, **popen: Any) -> subprocess.CompletedProcess:
+    """Run a command that starts several processes (torchrun, ``--nproc-per-node``) and return what it printed.
+    Past ``timeout`` seconds it is killed with every process below it and the test fails with what they all printed
+    (a hung rank shows the step it reached), instead of waiting or leaving orphans that hold the pipes."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **popen)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        hung = proc.poll() is None
+        kill_tree(proc.pid)  # also the workers of a launcher that ended with them still running
+        proc.wait()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if hung:
+        pytest.fail(f"{' '.join(map(str, cmd))[:300]} did not end in {timeout} s and was killed with its processes; "
+                    f"what they printed:\n--- stdout ---\n{stdout[-6000:]}\n--- stderr ---\n{stderr[-10000:]}",
+                    pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def radiograph_dicom(pixels, modality: str = "DX", **elements):

@@ -57,14 +57,14 @@ class Checksums:
 
 
 def _case_c(out: str) -> None:
-    from monai_cxr_ssl.distributed import init_process_group
+    from monai_cxr_ssl.distributed import data_parallel, destroy_process_group, init_process_group
     from monai_cxr_ssl.losses import NTXentLoss
 
     init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     z1, z2 = (torch.tensor(v)[rank * 2: rank * 2 + 2] for v in CASE_C)
     # the embeddings made by a linear map, so that DDP averages the gradients of its weight as in training
-    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3, bias=False))
+    net = data_parallel(torch.nn.Linear(3, 3, bias=False))  # DDP, as the bundle's network
     with torch.no_grad():
         net.module.weight.copy_(torch.eye(3))
     loss = NTXentLoss(temperature=0.1)(net(z1), net(z2))
@@ -73,7 +73,11 @@ def _case_c(out: str) -> None:
     result = {"rank": rank, "world": world, "loss": loss.item(), "without_gathering": alone.item(),
               "weight_grad": net.module.weight.grad.tolist()}
     Path(f"{out}.rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    # the product's teardown, with the DDP module still alive as in a stage: freeing it after a plain
+    # dist.destroy_process_group() could deadlock (see distributed.destroy_process_group)
+    print(f"rank {rank}: wrote its result; leaving the process group", flush=True)
+    destroy_process_group()
+    print(f"rank {rank}: left the process group", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_path
 from PIL import Image
 
 from monai_cxr_ssl.data.datasets import CHESTXRAY14_PATHOLOGIES, ChestXray14, ClassFolders, CsvSource
@@ -175,10 +176,8 @@ def test_class_folders_errors(tmp_path):
         ClassFolders(str(tmp_path), positive_class="PNEUMONIA", negative_classes=["PNEUMONIA"]).load()
 
 
-def test_class_folders_kermany(shared_data):
-    root = shared_data / "kermany_pneumonia"
-    if not root.is_dir():
-        pytest.skip(f"{root} is absent")
+def test_class_folders_kermany():
+    root = shared_path("kermany_pneumonia")
     data = ClassFolders(str(root), positive_class="PNEUMONIA").load()
     assert len(data.pool) == 1341 + 3875 and sum(it["label"][0] for it in data.pool) == 3875
     assert len(data.test) == 234 + 390 and sum(it["label"][0] for it in data.test) == 390

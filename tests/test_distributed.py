@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import PAUSE_AFTER_EPOCH_1, wait_for_pause
+from conftest import PAUSE_AFTER_EPOCH_1, kill_tree, run_processes, wait_for_pause
 
 from monai_cxr_ssl.distributed import gather_in_order, init_process_group
 from monai_cxr_ssl.losses import NTXentLoss
@@ -79,7 +79,7 @@ def ddp(tmp_path_factory):
     with open(log, "w") as f:
         proc = subprocess.Popen(_cli("pipeline", "demo", str(PAUSE_AFTER_EPOCH_1), "--nproc-per-node", "2",
                                      settings=settings), cwd=root, stdout=f, stderr=subprocess.STDOUT)
-    wait_for_pause(proc, root / "pause", log)
+    wait_for_pause(proc, root / "pause", log, timeout=300)
     workers = _workers(out)
     assert len(workers) == 2, workers
     os.kill(proc.pid, signal.SIGKILL)  # the launcher: the pipeline and torchrun's agent in it
@@ -88,9 +88,9 @@ def ddp(tmp_path_factory):
     while _workers(out) and time.monotonic() < deadline:
         time.sleep(0.2)
     orphans = _workers(out)
-    resumed = subprocess.run(_cli("pipeline", "demo", str(PAUSE_AFTER_EPOCH_1), "--nproc-per-node", "2",
-                                  settings=settings),  # no pause: epoch 1 is behind the resumed student
-                             cwd=root, capture_output=True, text=True, timeout=600)
+    resumed = run_processes(_cli("pipeline", "demo", str(PAUSE_AFTER_EPOCH_1), "--nproc-per-node", "2",
+                                 settings=settings),  # no pause: epoch 1 is behind the resumed student
+                            timeout=400, cwd=root)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
     return {"root": root, "out": out, "common": common, "orphans": orphans, "stdout": resumed.stdout,
             "killed_log": log.read_text()}
@@ -135,16 +135,16 @@ def _one_process(ddp, output_dir: Path, configs: list[str], **settings) -> None:
 
 
 def _torchrun(configs: list[str], settings: dict, cwd: Path) -> subprocess.CompletedProcess:
-    """Plain ``torchrun --standalone --nproc_per_node=2 -m monai.bundle run`` of bundle config files."""
+    """Plain ``torchrun --standalone --nproc_per_node=2 -m monai.bundle run`` of bundle config files, every output
+    line prefixed with its rank (``--tee 3``)."""
     bundle = Path(DEFAULT_BUNDLE) / "configs"
     files = [p if p.endswith(".json") and "/" in p else str(bundle / f"{p}.json") for p in configs]
     args = [arg for k, v in {**settings, "bundle_root": bundle.parent}.items()
             for arg in (f"--{k}", json.dumps(v) if v is None or isinstance(v, (int, float, list)) else str(v))]
     files.append(str(bundle / "multi_gpu.json"))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
-                           "--meta_file", str(bundle / "metadata.json"), *args],
-                          cwd=cwd, capture_output=True, text=True, env=_env(), timeout=600)
+    done = run_processes([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "--tee", "3", "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
+                          "--meta_file", str(bundle / "metadata.json"), *args], timeout=300, cwd=cwd, env=_env())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
 
@@ -227,7 +227,7 @@ def test_mean_teacher_loses_a_rank_then_resumes_under_plain_torchrun(ddp, tmp_pa
         proc = subprocess.Popen(_cli("run", "mean_teacher", "demo", str(PROBE), str(PAUSE_AFTER_EPOCH_1),
                                      "--nproc-per-node", "2", settings=settings),
                                 cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, env=_env(), text=True)
-    wait_for_pause(proc, pause, log)
+    wait_for_pause(proc, pause, log, timeout=300)
     os.kill(int(Path(f"{probe}.rank1.pid").read_text()), signal.SIGKILL)
     start = time.monotonic()
     assert proc.wait(timeout=60) != 0
@@ -251,10 +251,11 @@ def test_mean_teacher_loses_a_rank_then_resumes_under_plain_torchrun(ddp, tmp_pa
 
 def test_gathered_nt_xent_case_c_per_rank_and_its_gradient(tmp_path):
     out = tmp_path / "case_c"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(TESTS / "ddp_probe.py"), str(out)], capture_output=True, text=True, env=_env(),
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_processes([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "--tee", "3", str(TESTS / "ddp_probe.py"), str(out)], timeout=90, env=_env())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for r in (0, 1):  # both ranks left the process group (a deadlock there once hung 1 run in 6)
+        assert f"rank {r}: left the process group" in done.stdout, done.stdout
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["loss"] for r in ranks] == pytest.approx([0.078303, 0.255932], abs=1e-6)
     assert [r["without_gathering"] for r in ranks] == pytest.approx([0.001333, 0.179401], abs=1e-6)
@@ -281,7 +282,7 @@ def test_launch_errors(tmp_path):
         options = [a for a in args if "=" not in a]
         settings = {**common, **dict(a.split("=") for a in args if "=" in a)}
         done = subprocess.run(_cli("run", "train", "demo", *options, settings=settings), capture_output=True,
-                              text=True)
+                              text=True, timeout=120)
         assert done.returncode != 0 and expected in done.stderr, (args, done.stderr[-1000:])
     with pytest.raises(ValueError, match="'nccl' needs CUDA"):
         init_process_group("nccl")
@@ -312,8 +313,18 @@ def test_teacher_and_its_evaluation_on_two_machines(ddp, tmp_path):
                            for k, v in {**ddp["common"], "output_dir": out, "num_epochs": 1}.items()})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two "machines" on two cores
     procs = [subprocess.Popen([sys.executable, "-c", script, str(rank), settings], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outputs = [p.communicate(timeout=300) for p in procs]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    deadline = time.monotonic() + 300
+    try:
+        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            kill_tree(p.pid)
+        said = [f"--- machine {rank} ---\n{out[-3000:]}\n{err[-5000:]}"
+                for rank, (out, err) in enumerate(p.communicate() for p in procs)]
+        pytest.fail("the two machines did not end in 300 s and were killed; what they printed:\n" + "\n".join(said),
+                    pytrace=False)
     for p, (stdout, stderr) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
     said0, said1 = (_said(o[0]) for o in outputs)

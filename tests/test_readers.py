@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import shared_path
 from monai.bundle import ConfigParser
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -365,20 +366,13 @@ def test_load_cxr_imaged_from_a_bundle_config(tmp_path):
 # ---------------------------------------------------------------- real data
 
 
-def _real_dicom(shared_data: Path, name: str) -> Path:
-    path = shared_data / "dicom" / name
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return path
-
-
 REAL_DICOMS = ["nih_cxr_dx_uncompressed.dcm", "siim_cxr_cr_jpeg_baseline.dcm"]
 
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", REAL_DICOMS)
-def test_real_dicom_reads(shared_data, name):
-    path = _real_dicom(shared_data, name)
+def test_real_dicom_reads(name):
+    path = shared_path("dicom", name)
     check_image(path)
     image = read_cxr(path)
     _assert_unit_image(image, (1024, 1024))
@@ -388,8 +382,8 @@ def test_real_dicom_reads(shared_data, name):
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", REAL_DICOMS)
-def test_real_dicom_variants(shared_data, tmp_path, name):
-    path = _real_dicom(shared_data, name)
+def test_real_dicom_variants(tmp_path, name):
+    path = shared_path("dicom", name)
     base = read_cxr(path)
 
     def variant(**elements) -> Dataset:
@@ -418,10 +412,8 @@ def test_real_dicom_variants(shared_data, tmp_path, name):
 
 
 @pytest.mark.realdata
-def test_real_kermany_jpeg(shared_data):
-    path = shared_data / "kermany_pneumonia" / "test" / "NORMAL" / "IM-0001-0001.jpeg"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
+def test_real_kermany_jpeg():
+    path = shared_path("kermany_pneumonia", "test", "NORMAL", "IM-0001-0001.jpeg")
     check_image(path)
     image = read_cxr(path)
     _assert_unit_image(image, (224, 224))
