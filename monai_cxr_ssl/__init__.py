@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 
 __version__ = "0.1.0"
+
+# With the deploy extra installed, ``import monai`` imports every package under monai/, the SDK's monai.deploy among
+# them, and so Holoscan, which warns about the stack size at import on every command. Only the deploy app runs
+# Holoscan; it checks the stack size itself (``deploy/__main__.py``).
+warnings.filterwarnings("ignore", message="Current stack size", category=RuntimeWarning, module="holoscan")
 
 # Bundle configs refer to ``monai_cxr_ssl.<module>.<name>`` in expressions after ``$import monai_cxr_ssl``. The
 # submodules are imported on first use (module ``__getattr__``, PEP 562), not here: importing torch and MONAI takes

@@ -1,5 +1,9 @@
 """MONAI's ``ConfigWorkflow`` with the bundle property checks (``check_properties``) fitted to this bundle's layout.
 
+It also keeps MONAI's "Not all config files are in <folder>" warning quiet when the meta and logging files are
+given (the warning is about guessing them from the first config's folder; MONAI 1.6.1 prints it for every overlay
+outside that folder regardless, several times per stage).
+
 Three things MONAI 1.6.1's checks do not handle, and this class does:
 
 - ``train#handlers`` entries that are references (``"@train#checkpoint"``): MONAI reads every handler as a dict
@@ -14,6 +18,7 @@ Three things MONAI 1.6.1's checks do not handle, and this class does:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from monai.bundle import ConfigWorkflow
@@ -28,11 +33,22 @@ _VALIDATE_SECTION = {name for name in InferProperties if name not in ("bundle_ro
                                                                         "network_def")}
 
 
+def _not_the_config_root_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Not all config files are in ")
+
+
 class CXRConfigWorkflow(ConfigWorkflow):
     """A ``ConfigWorkflow`` whose ``check_properties()`` works on this bundle's train and evaluation configs."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        quiet = kwargs.get("meta_file") is not None and kwargs.get("logging_file") is not None
+        monai_logger = logging.getLogger("monai.bundle.workflows")
+        if quiet:
+            monai_logger.addFilter(_not_the_config_root_warning)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            monai_logger.removeFilter(_not_the_config_root_warning)
         validate = f"validate{ID_SEP_KEY}"
         if self.workflow_type == "infer" and "evaluator" not in self.parser and f"{validate}evaluator" in self.parser:
             properties = {}

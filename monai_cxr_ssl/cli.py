@@ -87,6 +87,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
                          tracking_uri=args.tracking_uri, log_summary=not args.no_summary)
     _echo(f"{result['num_runs']} evaluation run(s); test AUROC, mean ± std over seeds (n = runs):")
     _echo(result["markdown"])
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     _echo(f"written to {Path(args.output_dir).resolve()}: {', '.join(result['files'])}")
     if result["summary_run_id"]:
         _echo(f"logged to the MLflow summary run {result['summary_run_id']}")

@@ -3,13 +3,15 @@
 Every stage's evaluation logs a run with the stage's hyperparameters as params (``stage``, ``labeled_fraction``,
 ``seed``, ``image_size``, ``datasource`` ...) and its test AUROC as metrics (``test_mean_auroc``,
 ``test_auroc_<class>``). ``compare`` reads them through the MLflow API, keeps the newest finished evaluation per
-(stage, λ, seed, dataset) and aggregates over seeds.
+(stage, λ, seed, dataset) and aggregates over seeds. A row whose models come from pipeline runs with different
+settings (a 1-epoch sweep's teacher beside a 25-epoch run's mean teacher) is named in a warning and in the notes.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import tempfile
@@ -25,9 +27,15 @@ from monai_cxr_ssl.methods import column_of
 from monai_cxr_ssl.results import class_notes
 from monai_cxr_ssl.utils import atomic_write
 
-__all__ = ["column_of", "comparison_notes", "comparison_table", "evaluation_runs", "format_markdown", "run_compare"]
+__all__ = ["column_of", "comparison_notes", "comparison_table", "evaluation_runs", "format_markdown", "mixed_runs",
+           "run_compare"]
 
 logger = logging.getLogger("monai_cxr_ssl")
+
+PARENT_TAG = "tags.mlflow.parentRunId"  # the pipeline run a stage's run belongs to (mlflow_tags.MLFLOW_PARENT_RUN_ID)
+# pipeline settings that say where a run writes or how it is tracked, not what it trains
+_NOT_COMPARED = {"output_dir", "tracking_uri", "experiment_name", "num_workers", "method", "rounds", "dataset_dir"}
+
 
 def _search(client: mlflow.MlflowClient, experiment_ids: list[str], filter_string: str) -> pd.DataFrame:
     """All runs matching ``filter_string``, newest first, flattened as ``mlflow.search_runs`` does."""
@@ -143,16 +151,72 @@ def comparison_notes(runs: pd.DataFrame) -> list[str]:
     return class_notes(coverages)
 
 
-def format_csv(rows: Sequence[dict]) -> str:
-    """One line per (λ, column): labeled_fraction, column, mean, std, n, seeds."""
+def _pipeline_settings(client: mlflow.MlflowClient, run_id: str) -> dict | None:
+    """The settings a pipeline run was given (its ``overlays`` and ``overrides`` tags, less bookkeeping) and its
+    output folder; None for a run that is not a pipeline's."""
+    try:
+        tags = client.get_run(run_id).data.tags
+    except mlflow.exceptions.MlflowException:
+        return None
+    if "overrides" not in tags:
+        return None
+    overrides = json.loads(tags["overrides"])
+    settings = {k: v for k, v in overrides.items() if k not in _NOT_COMPARED}
+    return {"where": str(overrides.get("output_dir", run_id)),
+            "settings": {"overlays": json.loads(tags.get("overlays", "[]")), **settings}}
+
+
+def mixed_runs(runs: pd.DataFrame, tracking_uri: str | None = None) -> list[dict]:
+    """The (λ, seed) pairs whose columns come from pipeline runs given different settings: ``{"labeled_fraction",
+    "seed", "columns": {column: output folder}, "differ": {setting: [value per pipeline]}, "message"}``.
+
+    Stage runs name their pipeline run (``mlflow.parentRunId``), which records the settings it was given; runs
+    outside a pipeline are not checked. A setting left at its default shows as ``(default)``.
+    """
+    if PARENT_TAG not in runs:
+        return []
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    pipelines = {pid: _pipeline_settings(client, pid) for pid in runs[PARENT_TAG].dropna().unique()}
+    found = []
+    for (fraction, seed, _), group in runs.groupby(["labeled_fraction", "seed", "dataset"], sort=True):
+        by_pipeline: dict[str, list[str]] = {}
+        for _, run in group.sort_values("column", key=lambda c: c.map(methods.column_order)).iterrows():
+            if pipelines.get(run[PARENT_TAG]) is not None:
+                by_pipeline.setdefault(run[PARENT_TAG], []).append(run["column"])
+        if len(by_pipeline) < 2:
+            continue
+        settings = [pipelines[pid]["settings"] for pid in by_pipeline]
+        keys = sorted(set().union(*settings), key=lambda k: (k != "overlays", k))
+        differ = {k: [s.get(k, "(default)") for s in settings] for k in keys
+                  if len({json.dumps(s.get(k, "(default)"), sort_keys=True) for s in settings}) > 1}
+        if not differ:
+            continue
+        columns = {col: pipelines[pid]["where"] for pid, cols in by_pipeline.items() for col in cols}
+        parts = "; ".join(f"{', '.join(cols)} from {pipelines[pid]['where']}" for pid, cols in by_pipeline.items())
+        settings_text = "; ".join(f"{k}: {' vs '.join(map(str, v))}" for k, v in differ.items())
+        found.append({"labeled_fraction": float(fraction), "seed": int(seed), "columns": columns, "differ": differ,
+                      "message": f"λ={fraction:g}, seed {seed} mixes runs of different settings: {parts} "
+                                 f"(different {settings_text}); compare them with care or re-run them alike."})
+    return found
+
+
+def format_csv(rows: Sequence[dict], mixed: Sequence[dict] = ()) -> str:
+    """One line per (λ, column): labeled_fraction, column, mean, std, n, seeds, and a note when the cell's runs
+    sit in a row beside runs of other settings (``mixed_runs``)."""
+    notes: dict[tuple[float, str], list[str]] = {}
+    for m in mixed:
+        for col, where in m["columns"].items():
+            notes.setdefault((m["labeled_fraction"], col), []).append(
+                f"seed {m['seed']}: from {where}, beside runs with other {', '.join(m['differ'])}")
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["labeled_fraction", "column", "mean_auroc", "std_auroc", "runs", "seeds"])
+    writer.writerow(["labeled_fraction", "column", "mean_auroc", "std_auroc", "runs", "seeds", "note"])
     for row in rows:
         for col, value in row.items():
             if col != "labeled_fraction" and value is not None:
                 writer.writerow([row["labeled_fraction"], col, f"{value['mean']:.6f}", f"{value['std']:.6f}",
-                                 value["n"], " ".join(map(str, value["seeds"]))])
+                                 value["n"], " ".join(map(str, value["seeds"])),
+                                 "; ".join(notes.get((row["labeled_fraction"], col), []))])
     return out.getvalue()
 
 
@@ -171,21 +235,27 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def plot_auroc_vs_lambda(rows: Sequence[dict], path: Path) -> None:
+def colours(columns: Sequence[str]) -> dict[str, str]:
+    """One colour per model column, the same in every plot (matplotlib's cycle, in Table I's column order)."""
+    ordered = sorted(set(columns), key=methods.column_order)
+    return {col: f"C{i % 10}" for i, col in enumerate(ordered)}
+
+
+def plot_auroc_vs_lambda(rows: Sequence[dict], path: Path, colour: dict[str, str]) -> None:
     """Test AUROC (mean ± std over seeds) against λ, one line per column, λ on a log axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for col in [k for k in rows[0] if k != "labeled_fraction"]:
         points = [(r["labeled_fraction"], r[col]) for r in rows if r[col] is not None]
         ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["std"] for p in points],
-                    marker="o", capsize=3, label=col)
+                    marker="o", capsize=3, label=col, color=colour[col])
     ax.set(xscale="log", xlabel="labeled fraction λ", ylabel="test AUROC (mean over classes)")
     ax.legend(fontsize="small")
     fig.tight_layout()
     _save(fig, path)
 
 
-def plot_roc_overlay(runs: pd.DataFrame, path: Path, tracking_uri: str | None) -> list[str]:
+def plot_roc_overlay(runs: pd.DataFrame, path: Path, tracking_uri: str | None, colour: dict[str, str]) -> list[str]:
     """ROC curves (first class) of ``runs`` overlaid, from their ``test_predictions.npz`` artifacts; returns the
     run ids that had none."""
     from sklearn.metrics import auc, roc_curve
@@ -203,8 +273,8 @@ def plot_roc_overlay(runs: pd.DataFrame, path: Path, tracking_uri: str | None) -
                 continue
             data = np.load(local)
             fpr, tpr, _ = roc_curve(data["labels"][:, 0], data["probs"][:, 0])
-            ax.plot(fpr, tpr, label=f"{run['column']} λ={run['labeled_fraction']:g} s{run['seed']} "
-                                    f"(AUROC {auc(fpr, tpr):.3f})")
+            ax.plot(fpr, tpr, color=colour[run["column"]], label=f"{run['column']} λ={run['labeled_fraction']:g} "
+                                                                 f"s{run['seed']} (AUROC {auc(fpr, tpr):.3f})")
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize="x-small")
@@ -213,7 +283,7 @@ def plot_roc_overlay(runs: pd.DataFrame, path: Path, tracking_uri: str | None) -
     return missing
 
 
-def plot_per_class(runs: pd.DataFrame, path: Path) -> bool:
+def plot_per_class(runs: pd.DataFrame, path: Path, colour: dict[str, str]) -> bool:
     """Bars of per-class test AUROC (mean over the runs of each column); False when the runs have one class."""
     class_cols = [c for c in runs.columns if c.startswith("metrics.test_auroc_")]
     if len(class_cols) < 2:
@@ -224,7 +294,7 @@ def plot_per_class(runs: pd.DataFrame, path: Path) -> bool:
     width = 0.8 / len(means)
     x = np.arange(len(class_cols))
     for i, (col, values) in enumerate(means.iterrows()):
-        ax.bar(x + i * width, values.to_numpy(dtype=float), width, label=col)
+        ax.bar(x + i * width, values.to_numpy(dtype=float), width, label=col, color=colour[col])
     ax.set_xticks(x + 0.4 - width / 2, [c.removeprefix("metrics.test_auroc_") for c in class_cols], rotation=45,
                   ha="right")
     ax.set(ylabel="test AUROC", ylim=(0.5, 1.0))
@@ -245,7 +315,8 @@ def run_compare(
 ) -> dict:
     """Build the comparison of ``experiment_names`` into ``output_dir`` (``comparison.md``, ``comparison.csv``,
     ``auroc_vs_lambda.png``, ``roc.png`` for the runs at ``roc_lambda`` (default: the smallest λ),
-    ``per_class_auroc.png`` for multi-label runs) and log it all to a summary run in the first experiment."""
+    ``per_class_auroc.png`` for multi-label runs; one colour per model in all) and log it all to a summary run in
+    the first experiment. ``warnings`` in the result name the rows that mix runs of different settings."""
     runs = evaluation_runs(experiment_names, filters, method, tracking_uri)
     if runs.empty:
         raise ValueError(f"no finished test evaluations in experiment(s) {list(experiment_names)} match "
@@ -253,20 +324,24 @@ def run_compare(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = comparison_table(runs)
-    markdown = format_markdown(rows, comparison_notes(runs))
-    files = {"comparison.md": markdown, "comparison.csv": format_csv(rows)}
+    mixed = mixed_runs(runs, tracking_uri)
+    for m in mixed:
+        logger.warning("%s", m["message"])
+    markdown = format_markdown(rows, [*comparison_notes(runs), *(f"Warning: {m['message']}" for m in mixed)])
+    files = {"comparison.md": markdown, "comparison.csv": format_csv(rows, mixed)}
     for name, text in files.items():
         with atomic_write(output_dir / name) as f:
             f.write(text)
-    plot_auroc_vs_lambda(rows, output_dir / "auroc_vs_lambda.png")
+    colour = colours(runs["column"])
+    plot_auroc_vs_lambda(rows, output_dir / "auroc_vs_lambda.png", colour)
     roc_lambda = min(runs["labeled_fraction"]) if roc_lambda is None else roc_lambda
     chosen = runs[np.isclose(runs["labeled_fraction"], roc_lambda)].sort_values(["column", "seed"])
     chosen = chosen.drop_duplicates("column")
-    missing = plot_roc_overlay(chosen, output_dir / "roc.png", tracking_uri)
+    missing = plot_roc_overlay(chosen, output_dir / "roc.png", tracking_uri, colour)
     if missing:
         logger.warning("no test_predictions.npz artifact in run(s) %s: left out of roc.png", missing)
     plots = ["auroc_vs_lambda.png", "roc.png"]
-    if plot_per_class(runs, output_dir / "per_class_auroc.png"):
+    if plot_per_class(runs, output_dir / "per_class_auroc.png", colour):
         plots.append("per_class_auroc.png")
     summary = None
     if log_summary:
@@ -281,4 +356,4 @@ def run_compare(
             client.log_artifact(summary.run_id, str(output_dir / name))
         client.set_terminated(summary.run_id)
     return {"rows": rows, "markdown": markdown, "num_runs": len(runs), "files": [*files, *plots],
-            "summary_run_id": summary.run_id if summary else None}
+            "summary_run_id": summary.run_id if summary else None, "warnings": [m["message"] for m in mixed]}

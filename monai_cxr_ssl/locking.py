@@ -2,12 +2,15 @@
 
 The lock belongs to the process (re-entrant inside it: the pipeline runs its stages in-process under its own
 lock) and the kernel releases it when the process ends, however it ends, so a crash leaves no stale lock. The
-file also names the holder (pid, host, start time, command) for the message a refused second run gets; a record
-left in it when the lock is free is that of a holder that died without releasing, which the next run reports.
+file also names the holder (pid, host, start time, command) for the message a refused second run gets; a file
+left when the lock is free is that of a holder killed before it could release, which the next run reports. A
+release (also at the exit of a plain ``monai.bundle run``, failed or not) removes the file, and the output folder
+when the run made it and left it empty.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
@@ -60,16 +63,24 @@ def _acquire(path: Path, what: str) -> None:
     if path in _held:
         _held[path][1] += 1
         return
+    made = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")  # noqa: SIM115 - kept open while the lock is held
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        f = open(path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise FolderInUseError(
+                f"{path.parent}: {what} is in use by another run: {_holder(path)}; wait for it to end, or give this "
+                "run another output_dir."
+            ) from None
+        try:  # the file we locked is still the lock file (a releasing holder removes it after we opened it)
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         f.close()
-        raise FolderInUseError(
-            f"{path.parent}: {what} is in use by another run: {_holder(path)}; wait for it to end, or give this "
-            "run another output_dir."
-        ) from None
     f.seek(0)
     previous = f.read().strip()
     if previous:
@@ -80,7 +91,7 @@ def _acquire(path: Path, what: str) -> None:
     f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
                         "command": sys.argv}))
     f.flush()
-    _held[path] = [f, 1]
+    _held[path] = [f, 1, made]
 
 
 def _release(path: Path) -> None:
@@ -90,9 +101,14 @@ def _release(path: Path) -> None:
     entry[1] -= 1
     if entry[1] == 0:
         del _held[path]
-        f = entry[0]
-        f.truncate(0)  # a clean exit leaves no holder record behind
+        f, _, made = entry
+        path.unlink(missing_ok=True)  # while locked: a run waiting on this file sees it gone and opens a new one
         f.close()  # closing the descriptor releases the flock
+        if made:
+            try:  # the folder this run made, if it wrote nothing there (a run that failed at its first check)
+                path.parent.rmdir()
+            except OSError:
+                pass
 
 
 def held_locks() -> list[Path]:
@@ -113,14 +129,16 @@ def output_lock(output_dir: str | os.PathLike) -> Iterator[None]:
 
 
 def lock_output_dir(output_dir: str | os.PathLike) -> None:
-    """Hold the lock on ``output_dir`` for the rest of this process, unless this process holds it already.
+    """Hold the lock on ``output_dir`` until this process exits (released at exit, failed or not), unless this process
+    holds it already.
 
     For a bundle's ``initialize`` (plain ``python -m monai.bundle run``); in-process callers use ``output_lock``.
     Under torchrun rank 0 holds it for the job (the other ranks write nothing there).
     """
     path = Path(output_dir).resolve() / LOCK_NAME
-    if path not in _held:
+    if path not in _held and not _held_by_launcher(path):
         _acquire(path, "the output folder")
+        atexit.register(lambda: path in _held and _release(path))
 
 
 @contextmanager

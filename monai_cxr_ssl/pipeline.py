@@ -384,8 +384,9 @@ def run_sweep(
     common, _ = split_overrides(dict(overrides))
     parser = make_workflow([methods.TEACHER.config, *overlays], bundle, **common).parser
     base = Path(parser.get_parsed_content("output_dir"))
+    tracking_uri = parser.get_parsed_content("tracking_uri")  # one store for the sweep (by default in its folder)
     pipelines = [  # made first: each checks its settings, so a bad λ stops the sweep before any training
-        Pipeline(overlays, {**overrides, "labeled_fraction": fraction, "seed": seed,
+        Pipeline(overlays, {**overrides, "labeled_fraction": fraction, "seed": seed, "tracking_uri": tracking_uri,
                             "output_dir": str(base / f"lambda{fraction}-seed{seed}")}, bundle, echo=echo,
                  launch=launch)
         for fraction in labeled_fractions for seed in seeds
@@ -395,7 +396,7 @@ def run_sweep(
             pipeline.run()
         return []
     with output_lock(base):  # the sweep's folder; each pipeline locks its own sub-folder too
-        client = tracking_client(parser.get_parsed_content("tracking_uri"))
+        client = tracking_client(tracking_uri)
         experiment = experiment_id(client, parser.get_parsed_content("experiment_name"))
         sweep, _ = recorded_run(client, experiment, base / "sweep_run.json", f"sweep-{base.name}")
         client.set_tag(sweep, "labeled_fractions", json.dumps(list(labeled_fractions)))

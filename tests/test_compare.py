@@ -3,6 +3,8 @@ store and an ``mlflow server`` started on loopback."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from monai_cxr_ssl import compare as compare_module
 from monai_cxr_ssl.compare import comparison_table, evaluation_runs, run_compare
 from monai_cxr_ssl.pipeline import plan
 
@@ -82,8 +85,8 @@ def test_compare_on_a_sqlite_store(tmp_path):
     assert "| 5% | 0.720 ± 0.028 (n=2) | 0.720 ± 0.000 (n=1) | 0.810 ± 0.014 (n=2) | 0.780 ± 0.000 (n=1) |" in \
         result["markdown"]
     csv_lines = (tmp_path / "out" / "comparison.csv").read_text().splitlines()
-    assert csv_lines[0] == "labeled_fraction,column,mean_auroc,std_auroc,runs,seeds"
-    assert "0.05,teacher,0.720000,0.028284,2,0 1" in csv_lines
+    assert csv_lines[0] == "labeled_fraction,column,mean_auroc,std_auroc,runs,seeds,note"
+    assert "0.05,teacher,0.720000,0.028284,2,0 1," in csv_lines  # no note: no pipeline runs to tell apart
     for name in ("auroc_vs_lambda.png", "roc.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
     summary = client.get_run(result["summary_run_id"])
@@ -149,3 +152,51 @@ def test_comparison_table_names_covered_classes_and_flags_few_positives(tmp_path
         "Fewer than 10 positive test images (AUROC uncertain): Mass (6).",
     ]
     assert (tmp_path / "out" / "comparison.md").read_text() == result["markdown"]
+
+
+def _pipeline_run(client, experiment: str, output_dir: str, **overrides) -> str:
+    """A parent run as ``Pipeline`` tags it: the overlays and overrides it was given."""
+    run = client.create_run(experiment, run_name="pipeline-lambda0.05-seed0").info.run_id
+    client.set_tag(run, "overlays", json.dumps(["kermany", "cpu_small"]))
+    client.set_tag(run, "overrides", json.dumps({"output_dir": output_dir, "labeled_fraction": 0.05, **overrides}))
+    return run
+
+
+def test_compare_warns_when_a_row_mixes_runs_of_different_settings(tmp_path, monkeypatch):
+    """A 1-epoch sweep's teacher (newest, so kept) beside a mean teacher trained after a 25-epoch teacher: the row
+    pairs two experiments. A pipeline with the same settings in another folder is no warning. Every plot draws a
+    model in one colour."""
+    import matplotlib.colors
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("mix", artifact_location=(tmp_path / "artifacts").as_uri())
+    long_run = _pipeline_run(client, experiment, "runs/mt", method="mean_teacher")
+    same = _pipeline_run(client, experiment, "runs/mt2", method="mean_teacher", num_workers=8)
+    sweep = _pipeline_run(client, experiment, "runs/sweep/lambda0.05-seed0", num_epochs=1, student_epochs=1)
+    for stage, parent in (("mean_teacher", long_run), ("finetune", same), ("teacher", sweep)):  # oldest first
+        log_evaluations(client, experiment, tmp_path, {(stage, 0.05, 0): 0.7})
+        (run,) = client.search_runs([experiment], f"params.stage = '{stage}'")
+        client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+    figures = []
+    save = compare_module._save
+    monkeypatch.setattr(compare_module, "_save", lambda fig, path: (figures.append(fig), save(fig, path)))
+
+    done = run_compare(["mix"], tmp_path / "out", tracking_uri=uri, log_summary=False)
+    (warning,) = done["warnings"]
+    assert warning.startswith("λ=0.05, seed 0 mixes runs of different settings: teacher from "
+                              "runs/sweep/lambda0.05-seed0; student from runs/mt2; mean teacher from runs/mt")
+    assert "num_epochs: 1 vs (default) vs (default)" in warning and "num_workers" not in warning
+    assert f"Warning: {warning}" in (tmp_path / "out" / "comparison.md").read_text()
+    with open(tmp_path / "out" / "comparison.csv") as f:
+        notes = {row["column"]: row["note"] for row in csv.DictReader(f)}
+    assert notes["teacher"] == "seed 0: from runs/sweep/lambda0.05-seed0, beside runs with other num_epochs, " \
+                               "student_epochs"
+    assert notes["mean teacher"].startswith("seed 0: from runs/mt,")
+
+    # one colour per model in every plot: the error bars of auroc_vs_lambda, the curves of roc
+    errorbars = {c.get_label(): matplotlib.colors.to_hex(c.lines[0].get_color()) for c in figures[0].axes[0].containers}
+    curves = {line.get_label().split(" λ=")[0]: matplotlib.colors.to_hex(line.get_color())
+              for line in figures[1].axes[0].get_lines() if " λ=" in line.get_label()}
+    assert errorbars == curves and set(curves) == {"teacher", "student", "mean teacher"}, (errorbars, curves)
+    assert len(set(curves.values())) == 3

@@ -151,6 +151,39 @@ def test_app_classifies_a_study_as_the_bundle_does(name, model, dicoms, tmp_path
         assert value not in json.dumps(result) and value not in run.stdout + run.stderr
 
 
+def test_every_study_of_the_input_is_classified_or_named(model, dicoms, tmp_path, capsys):
+    """Two chest studies and a CT study in one folder: each chest study gets its own folder of outputs (the same
+    probabilities as alone), the CT study is named on stderr and in skipped.json; nothing is dropped silently."""
+    studies = []
+    for k in range(3):
+        ds = pydicom.dcmread(dicoms[DX])
+        ds.BodyPartExamined = "CHEST"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        if k == 1:
+            ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1]).tobytes()  # another image (upside down)
+        if k == 2:
+            ds.Modality = "CT"
+        studies.append(ds)
+    folder = _study(tmp_path / "in", *studies)
+    code, err = _run(["-i", str(folder), "-o", str(tmp_path / "out"), "-m", str(model[0])], capsys)
+    assert code == 0, err[-2000:]
+    chest, ct = [str(ds.StudyInstanceUID) for ds in studies[:2]], str(studies[2].StudyInstanceUID)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*chest, "skipped.json"])
+    results = {uid: _outputs(tmp_path / "out" / uid) for uid in chest}
+    for uid, (result, sr) in results.items():
+        assert result["image"]["StudyInstanceUID"] == uid == sr.StudyInstanceUID
+    assert results[chest[0]][0]["probabilities"] != results[chest[1]][0]["probabilities"]
+    (skipped,) = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    assert skipped["StudyInstanceUID"] == ct and skipped["reason"].startswith("no radiograph series of the chest")
+    assert f"skipped study {ct}: no radiograph series of the chest" in err
+
+    alone = _study(tmp_path / "alone", studies[0])  # the first study alone: the same probabilities, flat outputs
+    code, err = _run(["-i", str(alone), "-o", str(tmp_path / "alone_out"), "-m", str(model[0])], capsys)
+    assert code == 0 and "skipped" not in err, err[-2000:]
+    assert _outputs(tmp_path / "alone_out")[0]["probabilities"] == results[chest[0]][0]["probabilities"]
+
+
 def test_monochrome1_reads_as_the_original(model, dicoms, tmp_path):
     """An inverted MONOCHROME1 copy of an image is the same radiograph: the same probabilities."""
     original = pydicom.dcmread(dicoms[DX])

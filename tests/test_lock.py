@@ -50,7 +50,7 @@ def test_a_second_process_is_refused_until_the_holder_dies(tmp_path, caplog):
         with output_lock(out):
             assert f'"pid": {os.getpid()}' in (out / ".lock").read_text()
     assert f"the previous run here (pid {holder.pid} on" in caplog.text
-    assert (out / ".lock").read_text() == ""  # a clean release leaves no holder behind
+    assert not (out / ".lock").exists()  # a clean release leaves no lock file behind
 
 
 def test_the_lock_is_reentrant_in_one_process_and_free_after(tmp_path):
@@ -94,7 +94,27 @@ for command in (["run", "train"], ["pipeline"], ["sweep", "--lambdas", "0.5"]):
     assert len(errors) == 3 and all(
         e.startswith(f"monai-cxr-ssl: error: {out}: the output folder is in use by another run: pid {os.getpid()}")
         for e in errors), errors
-    assert not (tmp_path / "no-data").exists() and sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert not (tmp_path / "no-data").exists() and not out.exists()  # nothing written there; released: no lock file
+
+
+def test_a_failed_plain_bundle_run_leaves_no_lock_behind(tmp_path):
+    """Plain ``python -m monai.bundle run`` with a positive class the folders do not have: it fails after taking the
+    lock; its exit releases it and removes the lock file and the output folder it made and left empty."""
+    import numpy as np
+    from PIL import Image
+
+    for split, name in (("train", "NORMAL"), ("train", "PNEUMONIA"), ("test", "NORMAL"), ("test", "PNEUMONIA")):
+        (tmp_path / "data" / split / name).mkdir(parents=True)
+        Image.fromarray(np.full((16, 16), 128, np.uint8)).save(tmp_path / "data" / split / name / "a.png")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+         repr([str(REPO / "bundles/cxr_classifier/configs/train.json"), str(REPO / "configs/demo.json")]),
+         "--dataset_dir", str(tmp_path / "data"), "--output_dir", str(out),
+         "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0 and "class folder 'OPACITY' not found" in done.stderr, done.stderr[-2000:]
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -1,11 +1,13 @@
 """The chest X-ray classifier as a MONAI Deploy application.
 
 DICOM folder → ``CXRDICOMLoaderOperator`` (the SDK's loader, also for files without the Part-10 header) →
-``ChestSeriesSelectorOperator`` (a radiograph modality; chest by BodyPartExamined or, without it, by a chest word in
-the descriptions; an unknown body part only with ``--accept-unknown-body-part``) → ``CXRClassifierOperator`` (the
-bundle's DICOM conversion, resize and ten crops, and the out-of-distribution check; TorchScript from
+``ChestSeriesSelectorOperator`` (per study, a radiograph modality; chest by BodyPartExamined or, without it, by a chest
+word in the descriptions; an unknown body part only with ``--accept-unknown-body-part``) → ``CXRClassifierOperator``
+(the bundle's DICOM conversion, resize and ten crops, and the out-of-distribution check; TorchScript from
 ``monai-cxr-ssl export``) → ``result.json`` and, through ``CXRSRWriterOperator``, a DICOM Comprehensive SR that
-references the image and whose UID is derived from the image and the model (a re-run replaces it).
+references the image and whose UID is derived from the image and the model (a re-run replaces it). An input folder
+with several studies gets one folder of outputs per study, named by its StudyInstanceUID; a study that cannot be
+classified is named with its reason on stderr and in ``skipped.json``, never dropped silently.
 
 Inputs are checked before the graph starts (paths, files, model) and every output is written into a hidden
 staging folder inside the output folder, moved into place only when the whole study succeeded: a failure leaves no
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -121,13 +124,14 @@ class CXRClassifierApp(Application):
     def compose(self) -> None:
         input_folder = Path(self.context.input_path)
         loader = CXRDICOMLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder, name="loader")
-        selector = ChestSeriesSelectorOperator(self, accept_unknown_body_part=self.accept_unknown,
-                                               input_folder=input_folder, name="selector")
+        self.selector = ChestSeriesSelectorOperator(self, accept_unknown_body_part=self.accept_unknown,
+                                                    input_folder=input_folder, name="selector")
+        selector = self.selector
         classifier = CXRClassifierOperator(
             self, model=self.model, meta=self.meta, ood=self.ood, model_sha256=self.model_sha256,
-            output_folder=self.staging, input_folder=input_folder, accept_unknown_body_part=self.accept_unknown,
-            name="classifier")
-        sr_writer = CXRSRWriterOperator(self, output_folder=self.staging, name="sr_writer")
+            output_folder=self.staging, input_folder=input_folder, selector=selector,
+            accept_unknown_body_part=self.accept_unknown, name="classifier")
+        sr_writer = CXRSRWriterOperator(self, name="sr_writer")
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(selector, classifier, {("study_selected_series_list", "study_selected_series_list")})
         self.add_flow(classifier, sr_writer, {("report", "report")})
@@ -135,14 +139,16 @@ class CXRClassifierApp(Application):
 
 def _publish(staging: Path, output_folder: Path) -> list[Path]:
     """Move the finished outputs from ``staging`` into ``output_folder`` (replacing a previous run's)."""
-    outputs = sorted(staging.iterdir())
-    if not any(p.name == "result.json" for p in outputs) or not any(p.suffix == ".dcm" for p in outputs):
-        raise RuntimeError(f"the app finished without writing result.json and the SR into {staging}")
+    results = sorted(staging.rglob("result.json"))
+    if not results or any(not list(r.parent.glob("*.dcm")) for r in results):
+        raise RuntimeError(f"the app finished without writing result.json and its SR into {staging}")
     published = []
-    for path in outputs:
+    for path in sorted(staging.iterdir()):
         target = output_folder / path.name
+        if target.is_dir():  # a previous run's study folder
+            shutil.rmtree(target)
         os.replace(path, target)
-        published.append(target)
+        published.extend(sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target])
     return published
 
 
@@ -184,7 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_inputs(input_folder)
         model, meta, ood, digest = load_model(Path(context.model_path))
         staging.mkdir(parents=True)
-        CXRClassifierApp(context, model, meta, ood, digest, staging, options.accept_unknown_body_part).run()
+        app = CXRClassifierApp(context, model, meta, ood, digest, staging, options.accept_unknown_body_part)
+        app.run()
+        skipped = app.selector.skipped
+        if skipped:
+            with open(staging / "skipped.json", "w") as f:
+                json.dump([{"StudyInstanceUID": uid, "reason": reason} for uid, reason in skipped], f, indent=2)
+        else:  # a previous run's list no longer applies
+            (output_folder / "skipped.json").unlink(missing_ok=True)
         published = _publish(staging, output_folder)
     except (DeployInputError, ImageReadError) as err:
         print(f"monai-cxr-ssl deploy: error: {err}", file=sys.stderr)
@@ -193,4 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(staging, ignore_errors=True)
     for path in published:
         print(f"wrote {path}")
+    for uid, reason in skipped:
+        print(f"monai-cxr-ssl deploy: skipped study {uid}: {reason}", file=sys.stderr)
     return 0

@@ -114,28 +114,46 @@ def _as_part10(path: Path) -> str | io.BytesIO:
 
 class ChestSeriesSelectorOperator(DICOMSeriesSelectorOperator):
     """Pick one radiograph series per study: a series that says chest (``body_part_evidence``) first, then, only with
-    ``accept_unknown_body_part``, one whose body part is unknown; another body part is never picked."""
+    ``accept_unknown_body_part``, one whose body part is unknown; another body part is never picked.
+
+    ``num_studies`` and ``skipped`` (``(StudyInstanceUID, reason)`` for each study without such a series) are kept
+    for the classifier and the app, which name every skipped study.
+    """
 
     def __init__(self, fragment: Fragment, *args: Any, accept_unknown_body_part: bool = False,
                  input_folder: Path | None = None, **kwargs: Any) -> None:
         self.accept_unknown, self.input_folder = accept_unknown_body_part, input_folder
+        self.num_studies, self.skipped = 0, []
         super().__init__(fragment, *args, rules=CHEST_RADIOGRAPH_RULES, all_matched=True, **kwargs)
 
     def filter(self, selection_rules, dicom_study_list, all_matched=False, sort_by_sop_instance_count=False):
         """The SDK's modality match, then the body-part decision; at most one series per study."""
+        studies = list(dicom_study_list)
+        matched = {id(selected.study): selected
+                   for selected in super().filter(selection_rules, studies, True, sort_by_sop_instance_count)}
+        self.num_studies, self.skipped = len(studies), []
         chosen, unknown = [], 0
-        for selected in super().filter(selection_rules, dicom_study_list, True, sort_by_sop_instance_count):
-            ranked = {"chest": [], "unknown": []}
-            for s in selected.selected_series:
+        for dicom_study in studies:
+            selected = matched.get(id(dicom_study))
+            ranked: dict[str, list] = {"chest": [], "unknown": [], "other": []}
+            for s in selected.selected_series if selected is not None else []:
                 kind = body_part_evidence(_first_instance(s.series))[0]
-                if kind in ranked:
-                    ranked[kind].append(s)
+                ranked[kind if kind in ranked else "other"].append(s)
             unknown += len(ranked["unknown"])
             candidates = ranked["chest"] + (ranked["unknown"] if self.accept_unknown else [])
             if candidates:
-                study = StudySelectedSeries(selected.study)
+                study = StudySelectedSeries(dicom_study)
                 study.add_selected_series(SelectedSeries(candidates[0].selection_name, candidates[0].series, None))
                 chosen.append(study)
+            elif ranked["unknown"]:
+                self.skipped.append((dicom_study.StudyInstanceUID, (
+                    f"no radiograph series says it shows the chest ({len(ranked['unknown'])} with BodyPartExamined "
+                    f"absent and no chest word in {', '.join(DESCRIPTION_TAGS)}; --accept-unknown-body-part "
+                    "classifies them)")))
+            else:
+                self.skipped.append((dicom_study.StudyInstanceUID, (
+                    f"no radiograph series of the chest (Modality {'/'.join(ACCEPTED_MODALITIES)}, not another body "
+                    "part)")))
         if not chosen and unknown:
             raise DeployInputError(
                 f"{self.input_folder or 'input'}: no radiograph series says it shows the chest ({unknown} series with "
@@ -188,7 +206,10 @@ def findings_text(result: dict) -> str:
 
 
 class CXRClassifierOperator(Operator):
-    """Classify the selected radiograph: writes ``result.json`` into ``output_folder``, emits ``(result, dataset)``.
+    """Classify the selected radiograph of each study: writes ``result.json`` into ``output_folder`` (into
+    ``output_folder/<StudyInstanceUID>/`` when the input holds several studies), emits ``[(result, dataset,
+    folder)]``. A study that cannot be classified (a series of several images) is added to the selector's
+    ``skipped`` with its reason; when no study can be, the run fails naming why.
 
     Inputs: ``study_selected_series_list``. Outputs: ``report``. The JSON names the image by its Study, Series and
     SOP Instance UIDs only: no patient name, ID or demographics. Findings are withheld (empty, with the reason in
@@ -197,11 +218,11 @@ class CXRClassifierOperator(Operator):
 
     def __init__(
         self, fragment: Fragment, *args: Any, model: torch.nn.Module, meta: dict, ood: OODStats | None,
-        model_sha256: str, output_folder: Path, input_folder: Path, accept_unknown_body_part: bool = False,
-        **kwargs: Any,
+        model_sha256: str, output_folder: Path, input_folder: Path, selector: ChestSeriesSelectorOperator,
+        accept_unknown_body_part: bool = False, **kwargs: Any,
     ) -> None:
         self.model, self.meta, self.ood, self.model_sha256 = model, meta, ood, model_sha256
-        self.accept_unknown = accept_unknown_body_part
+        self.accept_unknown, self.selector = accept_unknown_body_part, selector
         self.output_folder, self.input_folder = Path(output_folder), Path(input_folder)
         super().__init__(fragment, *args, **kwargs)
 
@@ -210,18 +231,30 @@ class CXRClassifierOperator(Operator):
         spec.output("report")
 
     def compute(self, op_input, op_output, context) -> None:
-        selected = op_input.receive("study_selected_series_list")
-        if not selected:
-            raise DeployInputError(
-                f"{self.input_folder}: no radiograph series of the chest (Modality {'/'.join(ACCEPTED_MODALITIES)}, "
-                "not another body part); give the folder of a chest radiograph study.")
-        series = selected[0].selected_series[0].series
-        instances = series.get_sop_instances()
-        if len(instances) != 1:
-            raise DeployInputError(
-                f"{self.input_folder}: the selected {series.Modality} series has {len(instances)} images; the app "
-                "classifies one 2-D radiograph per study, give a folder with a single image series.")
-        ds = instances[0].get_native_sop_instance()
+        selected = op_input.receive("study_selected_series_list") or []
+        reports = []
+        for study in selected:
+            series = study.selected_series[0].series
+            instances = series.get_sop_instances()
+            if len(instances) != 1:
+                self.selector.skipped.append((study.study.StudyInstanceUID, (
+                    f"the selected {series.Modality} series has {len(instances)} images; the app classifies one 2-D "
+                    "radiograph per study, give a study with a single image series")))
+                continue
+            ds = instances[0].get_native_sop_instance()
+            folder = self.output_folder / (str(ds.StudyInstanceUID) if self.selector.num_studies > 1 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            reports.append((self.classify(ds), ds, folder))
+            with open(folder / "result.json", "w") as f:
+                json.dump(reports[-1][0], f, indent=2)
+        if not reports:
+            reasons = "; ".join(reason for _, reason in self.selector.skipped)
+            raise DeployInputError(f"{self.input_folder}: {reasons or 'no radiograph series of the chest'}; give the "
+                                   "folder of a chest radiograph study.")
+        op_output.emit(reports, "report")
+
+    def classify(self, ds: pydicom.Dataset) -> dict:
+        """The result of one radiograph: probabilities, findings (or why they are withheld), provenance."""
         image = dicom_to_image(ds, getattr(ds, "filename", None) or self.input_folder)
         info = self.meta["cxr_ssl"]
         probs = predict(self.model, image, info["image_size"], info["crop_size"])
@@ -253,10 +286,9 @@ class CXRClassifierOperator(Operator):
         }
         sr_uid, _ = sr_uids(ds, result["model"])
         result["sr"] = {"SOPInstanceUID": sr_uid, "file": SR_FILE.format(uid=sr_uid)}
-        with open(self.output_folder / "result.json", "w") as f:
-            json.dump(result, f, indent=2)
-        logger.info("findings: %s", withheld or ", ".join(findings) or "none above threshold")
-        op_output.emit((result, ds), "report")
+        logger.info("study %s findings: %s", ds.StudyInstanceUID, withheld or ", ".join(findings)
+                    or "none above threshold")
+        return result
 
 
 def sr_uids(source: pydicom.Dataset, model: dict) -> tuple[str, str]:
@@ -302,20 +334,15 @@ def build_sr(source: pydicom.Dataset, result: dict) -> hd.sr.ComprehensiveSR:
 
 
 class CXRSRWriterOperator(Operator):
-    """Write the classifier's report as a DICOM Comprehensive SR (``build_sr``) into ``output_folder``.
+    """Write each of the classifier's reports as a DICOM Comprehensive SR (``build_sr``) beside its ``result.json``.
 
     Replaces the SDK's ``DICOMTextSRWriterOperator``, which draws a random SOP Instance UID on every run and
     references no image (no evidence sequence, no IMAGE content item).
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, output_folder: Path, **kwargs: Any) -> None:
-        self.output_folder = Path(output_folder)
-        super().__init__(fragment, *args, **kwargs)
-
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("report")
 
     def compute(self, op_input, op_output, context) -> None:
-        result, source = op_input.receive("report")
-        sr = build_sr(source, result)
-        sr.save_as(self.output_folder / result["sr"]["file"], enforce_file_format=True)
+        for result, source, folder in op_input.receive("report"):
+            build_sr(source, result).save_as(folder / result["sr"]["file"], enforce_file_format=True)
