@@ -146,6 +146,7 @@ def _torchrun(configs: list[str], settings: dict, cwd: Path) -> subprocess.Compl
                           "--tee", "3", "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
                           "--meta_file", str(bundle / "metadata.json"), *args], timeout=300, cwd=cwd, env=_env())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "`broadcast_buffers` is deprecated" not in done.stderr  # data_parallel uses forward_sync_buffers
     return done
 
 

@@ -82,9 +82,14 @@ def test_readme_commands_run_as_written(tmp_path):
     env = {**os.environ, "DATA": str(data), "UNLABELED": str(unlabeled), "STUDIES": str(studies),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
+    done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-8000:]
+    # no noise from the package's commands: MONAI's config-root warning (the meta and logging files are given) and
+    # Holoscan's stack warning (only the deploy app runs Holoscan; plain monai.bundle imports MONAI first)
+    for said in done.stdout.split(">>> ")[1:]:
+        if said.startswith("monai-cxr-ssl"):
+            assert "Not all config files are in" not in said and "Current stack size" not in said, said[:3000]
     for path in ("eval/teacher/models/model.pt", "runs/ts_l5/table1.md", "runs/mt_l5/table1.md",
                  "runs/mt_own/table1.md", "runs/sweep/table1.md", "runs/sweep/mlflow.db",
                  "runs/compare/comparison.csv", "model.ts", "runs/deploy/result.json"):
