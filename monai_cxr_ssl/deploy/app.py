@@ -124,9 +124,8 @@ class CXRClassifierApp(Application):
     def compose(self) -> None:
         input_folder = Path(self.context.input_path)
         loader = CXRDICOMLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder, name="loader")
-        self.selector = ChestSeriesSelectorOperator(self, accept_unknown_body_part=self.accept_unknown,
-                                                    input_folder=input_folder, name="selector")
-        selector = self.selector
+        selector = self.selector = ChestSeriesSelectorOperator(  # the app reads its skipped studies after the run
+            self, accept_unknown_body_part=self.accept_unknown, input_folder=input_folder, name="selector")
         classifier = CXRClassifierOperator(
             self, model=self.model, meta=self.meta, ood=self.ood, model_sha256=self.model_sha256,
             output_folder=self.staging, input_folder=input_folder, selector=selector,
