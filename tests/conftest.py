@@ -40,7 +40,7 @@ def shared_data() -> Path:
 
 def wait_for_pause(proc: subprocess.Popen, pause_file: Path, log: Path | None = None, timeout: float = 600) -> None:
     """Wait until a run started with ``PAUSE_AFTER_EPOCH_1`` and ``pause_file`` holds after epoch 1; ``log`` (its
-    output) is quoted when it ends first."""
+    output, every rank's for a multi-process run) is quoted when it ends first or does not pause in time."""
     reached = Path(f"{pause_file}.reached")
     deadline = time.monotonic() + timeout
     while not reached.exists():
@@ -48,8 +48,10 @@ def wait_for_pause(proc: subprocess.Popen, pause_file: Path, log: Path | None = 
             tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
             pytest.fail(f"the run ended (exit {proc.returncode}) before it paused after epoch 1\n{tail}")
         if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the run did not reach the end of epoch 1 in time")
+            kill_tree(proc.pid)  # with its workers, if it has any
+            tail = log.read_text(errors="replace")[-6000:] if log is not None and log.exists() else ""
+            pytest.fail(f"the run did not reach the end of epoch 1 in {timeout} s and was killed with its processes; "
+                        f"what they printed:\n{tail}", pytrace=False)
         time.sleep(0.05)
 
 
