@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("experiments", nargs="+", help="MLflow experiment name(s)")
     compare.add_argument("--tracking-uri", default=None,
-                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+                         help="MLflow tracking URI, e.g. sqlite:///$PWD/runs/sweep/mlflow.db (a run's store is "
+                              "<output_dir>/mlflow.db; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     compare.add_argument("--output-dir", default="compare", help="where the table and plots go (default: compare)")
     compare.add_argument("--method", choices=methods.names(), help="keep one method's stages (and the teacher's)")
     compare.add_argument("--labeled-fraction", type=float, default=None, help="keep one λ")

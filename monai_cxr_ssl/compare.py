@@ -70,7 +70,11 @@ def evaluation_runs(
     """
     if method is not None:
         methods.get(method)  # an unknown method is an error naming the registered ones
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():  # reading must not make one
+        raise ValueError(f"no MLflow store at {uri}: each run keeps its store in its output folder; pass "
+                         "--tracking-uri sqlite:///<output_dir>/mlflow.db (e.g. sqlite:///$PWD/runs/sweep/mlflow.db).")
+    client = mlflow.MlflowClient(tracking_uri=uri)
     experiments = {name: client.get_experiment_by_name(name) for name in experiment_names}
     missing = [name for name, experiment in experiments.items() if experiment is None]
     if missing:

@@ -104,6 +104,10 @@ def test_compare_on_a_sqlite_store(tmp_path):
         run_compare(["cxr"], tmp_path / "none", {"image_size": "512"}, tracking_uri=uri)
     with pytest.raises(ValueError, match=r"experiment\(s\) \['nope'\] not found"):
         run_compare(["nope"], tmp_path / "none", tracking_uri=uri)
+    missing = tmp_path / "runs" / "mlflow.db"
+    with pytest.raises(ValueError, match=rf"no MLflow store at sqlite:///{missing}: .*--tracking-uri"):
+        run_compare(["cxr"], tmp_path / "none", tracking_uri=f"sqlite:///{missing}")
+    assert not missing.exists()  # reading does not make an empty store
 
 
 def test_per_class_bars_for_multilabel_runs(tmp_path):
