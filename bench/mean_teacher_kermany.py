@@ -33,11 +33,11 @@ from monai.utils import path_to_sqlite_uri
 
 from monai_cxr_ssl.cli import parse_overrides
 from monai_cxr_ssl.evaluation import operating_point
+from monai_cxr_ssl.launch import run_bundle
 from monai_cxr_ssl.methods import evaluation, teacher_steps
 from monai_cxr_ssl.methods.mean_teacher import mean_teacher_step
 from monai_cxr_ssl.pipeline import Pipeline
 from monai_cxr_ssl.tracking import tracking_client
-from monai_cxr_ssl.workflow import run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAYS = ["kermany", "cpu_small"]

@@ -51,13 +51,15 @@ def read_checkpoint(path: str | os.PathLike, expected: str = MODEL_CHECKPOINT) -
 
 
 def read_state_dict(
-    path: str | os.PathLike, expected: str = MODEL_CHECKPOINT, wrapper_key: str | None = None
+    path: str | os.PathLike, expected: str = MODEL_CHECKPOINT, wrapper_keys: tuple[str, ...] = ()
 ) -> dict[str, torch.Tensor]:
-    """``read_checkpoint`` of a file that must hold a state dict (a mapping of names to tensors), or, with
-    ``wrapper_key``, one under that key (``{"state_dict": {...}}``, as training frameworks save them)."""
+    """``read_checkpoint`` of a file that must hold a state dict (a mapping of names to tensors), or one under the
+    first of ``wrapper_keys`` it has (``{"state_dict": {...}}`` as training frameworks save them, a stage's
+    ``last.pt`` under ``network``)."""
     state = read_checkpoint(path, expected)
-    if wrapper_key is not None and isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
-        state = state[wrapper_key]
+    key = next((k for k in wrapper_keys if isinstance(state, dict) and isinstance(state.get(k), dict)), None)
+    if key is not None:
+        state = state[key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: holds a {type(state).__name__} that is not a state dict of tensors; "
                          f"expected {expected}.")

@@ -49,26 +49,28 @@ def cmd_synthesize(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from monai_cxr_ssl.workflow import run_bundle
+    from monai_cxr_ssl.launch import run_bundle
 
     run_bundle(args.configs, bundle=args.bundle, launch=_launch(args), **parse_overrides(args.set))
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from monai_cxr_ssl.pipeline import Pipeline
+    from monai_cxr_ssl.pipeline import Pipeline, pipeline_options
 
-    Pipeline(args.configs, parse_overrides(args.set), bundle=args.bundle, echo=_echo, launch=_launch(args)).run()
+    options, overrides = pipeline_options(parse_overrides(args.set))
+    Pipeline(args.configs, overrides, bundle=args.bundle, echo=_echo, launch=_launch(args), **options).run()
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from monai_cxr_ssl.pipeline import run_sweep
+    from monai_cxr_ssl.pipeline import pipeline_options, run_sweep
 
-    run_sweep(args.configs, parse_overrides(args.set), args.lambdas, args.seeds, bundle=args.bundle, echo=_echo,
-              launch=_launch(args))
+    options, overrides = pipeline_options(parse_overrides(args.set))
+    run_sweep(args.configs, overrides, args.lambdas, args.seeds, bundle=args.bundle, echo=_echo,
+              launch=_launch(args), **options)
 
 
 def cmd_aals_ablation(args: argparse.Namespace) -> None:
-    from monai_cxr_ssl.ablation import run_aals_ablation
+    from monai_cxr_ssl.methods.mean_teacher.ablation import run_aals_ablation
 
     values = {k: v for k, v in (("ts", args.t), ("a0s", args.a0)) if v is not None}
     run_aals_ablation(args.configs, parse_overrides(args.set), grid=args.grid, bundle=args.bundle, echo=_echo,

@@ -15,13 +15,19 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monai_cxr_ssl import locking
+from monai_cxr_ssl.settings import check_override_keys, check_settings
+from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, make_workflow, resolve_configs, run_workflow
 
-__all__ = ["Launch", "StageFailed", "launch_workflow", "main", "multi_gpu_config"]
+if TYPE_CHECKING:
+    from monai.bundle import ConfigWorkflow
+
+__all__ = ["Launch", "StageFailed", "launch_workflow", "main", "multi_gpu_config", "run_bundle"]
 
 MULTI_GPU = "multi_gpu.json"
 
@@ -97,7 +103,6 @@ def launch_workflow(
     from torch.distributed.launcher.api import elastic_launch
 
     from monai_cxr_ssl.distributed import check_backend
-    from monai_cxr_ssl.workflow import make_workflow, resolve_configs
 
     bundle = Path(bundle).resolve()
     files = [*resolve_configs(bundle, configs), multi_gpu_config(bundle)]
@@ -128,6 +133,26 @@ def launch_workflow(
                 os.environ[k] = v
 
 
+def run_bundle(
+    configs: Sequence[str], bundle: str | os.PathLike = DEFAULT_BUNDLE, launch: Launch | None = None,
+    **overrides: Any
+) -> ConfigWorkflow:
+    """Make a bundle workflow, check the override keys and every setting (``monai_cxr_ssl.settings``), run it: in
+    this process, or with ``launch`` on several (the workflow returned is then this process's, not run)."""
+    workflow = make_workflow(configs, bundle, **overrides)
+    known = [*configs, multi_gpu_config(bundle)] if launch is not None else configs  # its settings too
+    check_override_keys(overrides, [make_workflow(known, bundle).parser.get()], where="the overrides")
+    check_settings(workflow.parser)
+    if launch is None:
+        return run_workflow(workflow)
+
+    # machine 0 holds the output folder for the job (the others' workers write nothing there)
+    output_dir = workflow.parser.get_parsed_content("output_dir")
+    with locking.output_lock(output_dir) if launch.node_rank == 0 else nullcontext():
+        launch_workflow(configs, bundle, overrides, launch)
+    return workflow
+
+
 def _message(failure: Any) -> str:
     """What a failed worker reported: its exception's last line, or the signal that killed it."""
     message = failure.message
@@ -139,8 +164,6 @@ def _message(failure: Any) -> str:
 
 def _worker(payload: str) -> None:
     """A worker: the stage's configs in this process's rank (``multi_gpu.json`` starts the process group)."""
-    from monai_cxr_ssl.workflow import make_workflow, run_workflow
-
     spec = json.loads(payload)
     run_workflow(make_workflow(spec["configs"], spec["bundle"], **spec["overrides"]))
 

@@ -41,12 +41,19 @@ from monai_cxr_ssl.utils import atomic_write, read_json, write_json
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, make_workflow, run_workflow
 
 __all__ = [
-    "Pipeline", "Step", "evaluation", "plan", "run_sweep", "split_overrides", "teacher_steps", "used_config",
+    "PIPELINE_OPTIONS", "Pipeline", "Step", "evaluation", "pipeline_options", "plan", "run_sweep", "split_overrides",
+    "teacher_steps", "used_config",
 ]
 
-# Settings of the pipeline itself rather than of a stage's config.
+# The pipeline's own options (``Pipeline``'s arguments), which the CLI takes among the ``--set`` pairs.
 PIPELINE_OPTIONS = ("method", "rounds", "pretrain")
 _KIND_OVERRIDE = re.compile(r"(\w+):(?!:)(.+)")
+
+
+def pipeline_options(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate the pipeline's options (``PIPELINE_OPTIONS``: ``method=mean_teacher``) from the stages' overrides."""
+    options = {k: v for k, v in overrides.items() if k in PIPELINE_OPTIONS}
+    return options, {k: v for k, v in overrides.items() if k not in PIPELINE_OPTIONS}
 
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -108,9 +115,7 @@ class Pipeline:
     Args:
         overlays: config overlays (``configs/`` names or files) applied to every stage.
         overrides: ``key: value`` for every stage, ``"<kind>:key": value`` for one kind of stage (kinds:
-            ``methods.stage_kinds()``). ``method`` (``methods.names()``, default ``methods.DEFAULT_METHOD``) picks
-            the method, ``rounds`` (default 1) the number of its rounds where it has rounds, ``pretrain``
-            (``methods.pretraining_names()``, default none) a pre-training stage whose encoder starts the teacher.
+            ``methods.stage_kinds()``).
         bundle: the bundle folder.
         parent_run_id: an MLflow run (a sweep's) to nest this pipeline's run under.
         echo: where progress lines go.
@@ -118,6 +123,9 @@ class Pipeline:
         name: the MLflow run-name stem of the pipeline's run (and, with ``steps``, its method tag).
         launch: run each stage on several processes with torchrun (``monai_cxr_ssl.launch``); the skipping, the
             markers and the MLflow parent run stay in this process. None: every stage in this process.
+        method: the method (``methods.names()``, default ``methods.DEFAULT_METHOD``).
+        rounds: the number of its rounds, where it has rounds.
+        pretrain: a pre-training stage (``methods.pretraining_names()``) whose encoder starts the teacher.
     """
 
     def __init__(
@@ -130,9 +138,18 @@ class Pipeline:
         steps: Sequence[Step] | None = None,
         name: str = "pipeline",
         launch: Launch | None = None,
+        method: str | None = None,
+        rounds: int = 1,
+        pretrain: str | None = None,
     ) -> None:
         self.overlays = list(overlays)
-        self.common, self.per_kind = split_overrides(dict(overrides or {}))
+        overrides = dict(overrides or {})
+        options = [key for key in PIPELINE_OPTIONS if key in overrides]
+        if options:
+            raise ValueError(f"{', '.join(options)} {'is an option' if len(options) == 1 else 'are options'} of the "
+                             "pipeline, not a stage setting: pass Pipeline(..., "
+                             f"{', '.join(f'{k}={overrides[k]!r}' for k in options)}).")
+        self.common, self.per_kind = split_overrides(overrides)
         self.bundle = bundle
         self.sweep_run_id = parent_run_id
         self.echo = echo
@@ -140,13 +157,13 @@ class Pipeline:
         if launch is not None and launch.nnodes > 1 and not launch.rdzv_id:
             raise ValueError("a pipeline on several machines needs --rdzv-id: the same on every machine and new for "
                              "each job (e.g. $SLURM_JOB_ID); machine 0 tells the others through it which stages run.")
-        parser = make_workflow([methods.TEACHER.config, *self.overlays], bundle, **self.common).parser
-        self.rounds = parser.get("rounds", 1)
+        self.rounds = rounds
         # custom steps (the AALS ablation, benchmarks) are recorded under the pipeline's name as their method
-        self.method = parser.get("method", methods.DEFAULT_METHOD) if steps is None else name
-        self.pretrain = parser.get("pretrain", None)
-        self.steps = methods.with_pretraining(list(steps) if steps is not None else plan(self.rounds, self.method),
-                                              self.pretrain)
+        self.method = (method or methods.DEFAULT_METHOD) if steps is None else name
+        self.pretrain = pretrain
+        self.steps = methods.with_pretraining(list(steps) if steps is not None else plan(rounds, self.method),
+                                              pretrain)
+        parser = make_workflow([methods.TEACHER.config, *self.overlays], bundle, **self.common).parser
         self.output_dir = Path(parser.get_parsed_content("output_dir"))
         self.split_file = Path(parser.get_parsed_content("split_file"))
         self.labeled_fraction = parser.get_parsed_content("labeled_fraction")
@@ -164,7 +181,7 @@ class Pipeline:
         launched = [multi_gpu_config(self.bundle)] if self.launch is not None else []  # its settings are known
         plain = {step.config: make_workflow([step.config, *self.overlays, *launched], self.bundle).parser.get()
                  for step in self.steps}  # the stages' configs without the overrides, whose keys are checked
-        check_override_keys(self.common, plain.values(), extra=PIPELINE_OPTIONS, where="the overrides of every stage")
+        check_override_keys(self.common, plain.values(), where="the overrides of every stage")
         read = [(step, read_ids(parser)) for step, parser in zip(self.steps, parsers, strict=True)
                 if any(self.per_kind.values())]  # the ids each stage reads, for per-stage overrides
         for kind, values in self.per_kind.items():
@@ -375,10 +392,12 @@ def run_sweep(
     bundle: str | Path = DEFAULT_BUNDLE,
     echo: Callable[[str], None] = print,
     launch: Launch | None = None,
+    **options: Any,
 ) -> list[dict]:
     """Run the pipeline for every λ × seed, each in ``<output_dir>/lambda<λ>-seed<s>``, under one MLflow sweep run,
     then print and log Table I with mean ± std over seeds (``<output_dir>/table1.md``, ``table1.json``). The
-    sweep's folder is locked while it runs; ``launch`` runs the stages on several processes (``Pipeline``)."""
+    sweep's folder is locked while it runs; ``launch`` runs the stages on several processes; ``options`` are the
+    pipeline's (``method``, ``rounds``, ``pretrain``: ``Pipeline``)."""
     if not labeled_fractions or not seeds:
         raise ValueError("a sweep needs at least one labeled fraction and one seed.")
     common, _ = split_overrides(dict(overrides))
@@ -388,7 +407,7 @@ def run_sweep(
     pipelines = [  # made first: each checks its settings, so a bad λ stops the sweep before any training
         Pipeline(overlays, {**overrides, "labeled_fraction": fraction, "seed": seed, "tracking_uri": tracking_uri,
                             "output_dir": str(base / f"lambda{fraction}-seed{seed}")}, bundle, echo=echo,
-                 launch=launch)
+                 launch=launch, **options)
         for fraction in labeled_fractions for seed in seeds
     ]
     if launch is not None and launch.node_rank > 0:  # another machine: each pipeline follows machine 0's

@@ -10,111 +10,70 @@ the ``initialize`` section of plain ``python -m monai.bundle run``. MONAI merges
 from __future__ import annotations
 
 import difflib
-import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from monai_cxr_ssl.methods import epoch_settings
+from monai_cxr_ssl import methods
+from monai_cxr_ssl.rules import BOOL, POSITIVE, PROBABILITY, Rule, at_least, choice, interval, rule, whole
 
-__all__ = ["MIN_CROP_SIZE", "RULES", "check_override_keys", "check_settings", "check_values", "config_ids",
-           "stage_epochs"]
+__all__ = ["MIN_CROP_SIZE", "RULES", "all_rules", "check_override_keys", "check_settings", "check_values",
+           "config_ids", "stage_epochs"]
 
 # DenseNet121 down-samples by 32: a smaller crop has no pixels left before its last block.
 MIN_CROP_SIZE = 32
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _rule(test: Callable[[Any], bool], expected: str, nullable: bool = False) -> tuple[Callable[[Any], bool], str]:
-    if nullable:
-        return (lambda v: v is None or test(v)), f"{expected}, or null"
-    return test, expected
-
-
-def _interval(low: float, high: float, closed_low: bool, closed_high: bool, nullable: bool = False):
-    text = f"a number in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
-    return _rule(
-        lambda v: _number(v) and (v >= low if closed_low else v > low) and (v <= high if closed_high else v < high),
-        text, nullable,
-    )
-
-
-def _whole(minimum: int, nullable: bool = False):
-    return _rule(lambda v: _integer(v) and v >= minimum, f"a whole number >= {minimum}", nullable)
-
-
-def _choice(*options: Any):
-    return _rule(lambda v: v in options, "one of " + ", ".join(repr(o) for o in options))
-
-
-_BOOL = _rule(lambda v: isinstance(v, bool), "true or false")
-_PROBABILITY = _interval(0, 1, True, True)
-_POSITIVE = _rule(lambda v: _number(v) and v > 0, "a number > 0")
-_NON_NEGATIVE = _rule(lambda v: _number(v) and v >= 0, "a number >= 0")
-
-# id -> (test, what is expected); ids a config lacks are not checked.
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "labeled_fraction": _interval(0, 1, False, True),
-    "val_fraction": _interval(0, 1, False, False),
-    "labeled_prevalence": _interval(0, 1, False, False, nullable=True),
-    "seed": _whole(0),
-    "image_size": _whole(MIN_CROP_SIZE),
-    "crop_size": _whole(MIN_CROP_SIZE),
-    "batch_size": _whole(1),
-    "num_epochs": _whole(1),
-    "student_epochs": _whole(1),
-    "finetune_epochs": _whole(1),
-    "mean_teacher_epochs": _whole(1),
-    "val_interval": _whole(1),
-    "num_workers": _whole(0),
-    "learning_rate": _POSITIVE,
-    "lr_decay": _interval(0, 1, False, True),
-    "cache_rate": _PROBABILITY,
-    "flip_prob": _PROBABILITY,
-    "affine_prob": _PROBABILITY,
-    "perspective_prob": _PROBABILITY,
-    "perspective_distortion": _PROBABILITY,
-    "rotation_degrees": _interval(0, 180, True, True),
-    "translate_fraction": _interval(0, 1, True, False),
-    "scale_delta": _interval(0, 1, True, False),
-    "resume": _BOOL,
-    "bad_images": _choice("fail", "skip"),
-    "allow_patient_overlap": _BOOL,
-    "unlabeled_source": _rule(lambda v: isinstance(v, (str, os.PathLike)) and str(v).strip() != "",
-                              "a folder or .csv file of unlabeled images", nullable=True),
-    "unlabeled_source_column": _rule(lambda v: isinstance(v, str) and v.strip() != "", "a CSV column name"),
-    "eval_split": _choice("labeled", "unlabeled", "validation", "test"),
-    "max_unlabeled": _whole(1, nullable=True),
-    "keep_fraction": _interval(0, 1, False, True),
-    "soft_labels": _BOOL,
-    "filter_threshold": _interval(0, 1, True, True, nullable=True),
-    "sharpening": _choice(None, "aals"),
-    "aals_t": _interval(0, 1, False, False),
-    "aals_a0": _rule(lambda v: _number(v) and v >= 1, "a number >= 1"),
-    "aals_per_image": _BOOL,
-    "report_true_labels": _BOOL,
-    "ema_decay": _interval(0, 1, False, False),
-    "consistency_weight": _NON_NEGATIVE,
-    "rampup_epochs": _whole(0),
-    "separate_views": _BOOL,
-    "rounds": _whole(1),
+# The settings every stage shares: id -> (test, what is expected); ids a config lacks are not checked. A method's own
+# settings are declared with its stage kinds (``StageKind.rules``, ``methods.setting_rules``).
+RULES: dict[str, Rule] = {
+    "labeled_fraction": interval(0, 1, False, True),
+    "val_fraction": interval(0, 1, False, False),
+    "labeled_prevalence": interval(0, 1, False, False, nullable=True),
+    "seed": whole(0),
+    "image_size": whole(MIN_CROP_SIZE),
+    "crop_size": whole(MIN_CROP_SIZE),
+    "batch_size": whole(1),
+    "num_epochs": whole(1),
+    "val_interval": whole(1),
+    "num_workers": whole(0),
+    "learning_rate": POSITIVE,
+    "lr_decay": interval(0, 1, False, True),
+    "cache_rate": PROBABILITY,
+    "flip_prob": PROBABILITY,
+    "affine_prob": PROBABILITY,
+    "perspective_prob": PROBABILITY,
+    "perspective_distortion": PROBABILITY,
+    "rotation_degrees": interval(0, 180, True, True),
+    "translate_fraction": interval(0, 1, True, False),
+    "scale_delta": interval(0, 1, True, False),
+    "resume": BOOL,
+    "bad_images": choice("fail", "skip"),
+    "allow_patient_overlap": BOOL,
+    "unlabeled_source": rule(lambda v: isinstance(v, (str, os.PathLike)) and str(v).strip() != "",
+                             "a folder or .csv file of unlabeled images", nullable=True),
+    "unlabeled_source_column": rule(lambda v: isinstance(v, str) and v.strip() != "", "a CSV column name"),
+    "eval_split": choice("labeled", "unlabeled", "validation", "test"),
+    "max_unlabeled": whole(1, nullable=True),
+    # AALS (``monai_cxr_ssl.sharpening``): the mean teacher's targets and the pseudo-labels' optional sharpening
+    "aals_t": interval(0, 1, False, False),
+    "aals_a0": at_least(1),
 }
 
 
+def all_rules() -> dict[str, Rule]:
+    """The shared rules and those of every registered stage kind."""
+    return {**RULES, **methods.setting_rules()}
+
+
 def check_values(values: Mapping[str, Any], where: str = "") -> None:
-    """Raise a ``ValueError`` naming the first setting in ``values`` that breaks its rule in ``RULES``, the
+    """Raise a ``ValueError`` naming the first setting in ``values`` that breaks its rule (``all_rules``), the
     crop larger than the image, or an ``output_dir`` that is not a folder."""
     suffix = f" ({where})" if where else ""
+    rules = all_rules()
     for key, value in values.items():
-        if key in RULES:
-            test, expected = RULES[key]
+        if key in rules:
+            test, expected = rules[key]
             if not test(value):
                 raise ValueError(f"setting {key}={value!r}{suffix} must be {expected}.")
     image, crop = values.get("image_size"), values.get("crop_size")
@@ -131,9 +90,9 @@ def check_values(values: Mapping[str, Any], where: str = "") -> None:
 
 
 def check_settings(parser: Any, where: str = "", config: dict | None = None) -> None:
-    """``check_values`` over the ids of ``RULES`` (and ``output_dir``) that the config of ``parser`` has (or, given,
-    that ``config`` has: the stage's own config, so a setting meant for another stage is checked there)."""
-    ids = [key for key in (*RULES, "output_dir") if key in parser and (config is None or key in config)]
+    """``check_values`` over the ids of ``all_rules()`` (and ``output_dir``) that the config of ``parser`` has (or,
+    given, that ``config`` has: the stage's own config, so a setting meant for another stage is checked there)."""
+    ids = [key for key in (*all_rules(), "output_dir") if key in parser and (config is None or key in config)]
     values = {}
     for key in ids:
         try:
@@ -192,4 +151,4 @@ def stage_epochs(overrides: Mapping[str, Any]) -> dict[str, Any]:
     ``student_epochs=3`` still wins for the student."""
     if "num_epochs" not in overrides:
         return dict(overrides)
-    return {**dict.fromkeys(epoch_settings(), overrides["num_epochs"]), **overrides}
+    return {**dict.fromkeys(methods.epoch_settings(), overrides["num_epochs"]), **overrides}

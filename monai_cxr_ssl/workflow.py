@@ -12,13 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from monai_cxr_ssl.locking import output_lock
 from monai_cxr_ssl.methods import named_configs
-from monai_cxr_ssl.settings import check_override_keys, check_settings, stage_epochs
+from monai_cxr_ssl.settings import stage_epochs
 from monai_cxr_ssl.utils import atomic_write, write_json
 
 if TYPE_CHECKING:  # MONAI (and torch) are imported where a workflow is made: the CLI's start path imports this module
     from monai.bundle import ConfigParser, ConfigWorkflow
-
-    from monai_cxr_ssl.launch import Launch
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -35,22 +33,19 @@ def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[s
     """Turn config names (``train``, ``evaluate``, ``student`` ...) and overlay paths into a list of files.
 
     A bare overlay name such as ``cpu_small`` is looked up in the repository's ``configs/`` folder. The files
-    come in the order base config, the user's overlays, then the stage overlays (``evaluate.json``,
-    ``student.json`` ...): what defines a stage (its data, checkpoint, run name) is not undone by a general
-    overlay, and per-stage settings have their own ids (``student_epochs``, ``finetune_epochs``).
+    come in the order base config, the stage's overlays (``evaluate.json``, ``student.json`` ...), then the user's
+    overlays: the last one wins, so a user's overlay sets a stage's settings (``student_epochs``) as ``--set``
+    does, and the defaults of a method's settings live in its own overlay, not in the base config.
     """
     bundle = Path(bundle)
     if not (bundle / "configs").is_dir():
         raise FileNotFoundError(f"{bundle}: not a MONAI bundle (no configs/ folder); pass --bundle <bundle dir>.")
-    base: list[str] = []
-    overlays: list[str] = []
     stage: list[str] = []
+    overlays: list[str] = []
     named = named_configs()  # evaluate and each stage of a method are overlays on train, as in model-zoo bundles
     for name in configs:
         if name in named:
-            first, *rest = (str(bundle / "configs" / f) for f in named[name])
-            base.append(first)
-            stage += rest
+            stage += [str(bundle / "configs" / f) for f in named[name]]
             continue
         path = Path(name)
         if not path.suffix and (OVERLAYS_DIR / f"{name}.json").is_file():
@@ -61,7 +56,7 @@ def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[s
                 f"or an overlay name from {OVERLAYS_DIR}."
             )
         overlays.append(str(path))
-    return base + overlays + stage
+    return list(dict.fromkeys(stage)) + overlays
 
 
 def make_workflow(
@@ -165,26 +160,3 @@ def _stamp(path: Path | None) -> tuple[int, int] | None:
         return None
     stat = path.stat()
     return stat.st_mtime_ns, stat.st_ino
-
-
-def run_bundle(
-    configs: Sequence[str], bundle: str | os.PathLike = DEFAULT_BUNDLE, launch: Launch | None = None,
-    **overrides: Any
-) -> ConfigWorkflow:
-    """Make a bundle workflow, check the override keys and every setting (``monai_cxr_ssl.settings``), run it: in
-    this process, or with ``launch`` on several (``monai_cxr_ssl.launch``; the workflow returned is then this
-    process's, not run)."""
-    from monai_cxr_ssl.launch import launch_workflow, multi_gpu_config
-
-    workflow = make_workflow(configs, bundle, **overrides)
-    known = [*configs, multi_gpu_config(bundle)] if launch is not None else configs  # its settings too
-    check_override_keys(overrides, [make_workflow(known, bundle).parser.get()], where="the overrides")
-    check_settings(workflow.parser)
-    if launch is None:
-        return run_workflow(workflow)
-
-    # machine 0 holds the output folder for the job (the others' workers write nothing there)
-    lock = output_lock(workflow.parser.get_parsed_content("output_dir")) if launch.node_rank == 0 else nullcontext()
-    with lock:
-        launch_workflow(configs, bundle, overrides, launch)
-    return workflow

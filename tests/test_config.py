@@ -61,12 +61,13 @@ def test_no_hand_kept_settings_dict():
 
 
 def test_plain_bundle_run_merges_overlays_like_monai_cxr_ssl(tmp_path):
-    """``python -m monai.bundle run --config_file "[base, own overlays, stage overlays]"`` merges into the same
-    config as ``monai-cxr-ssl run student <overlay>`` (``make_workflow``): the stage overlay wins over a general one."""
+    """``python -m monai.bundle run --config_file "[base, stage overlays, own overlays]"`` merges into the same
+    config as ``monai-cxr-ssl run student <overlay>`` (``make_workflow``): the user's overlay sets the stage's own
+    settings, whose defaults are in the stage's overlay."""
     overlay = tmp_path / "mine.json"
-    overlay.write_text(json.dumps({"train#trainer#max_epochs": 1, "learning_rate": 0.002, "stage": "mine"}))
+    overlay.write_text(json.dumps({"student_epochs": 2, "learning_rate": 0.002}))
     files = resolve_configs(DEFAULT_BUNDLE, ["student", str(overlay)])
-    assert files == [str(CONFIGS / "train.json"), str(overlay), str(CONFIGS / "student.json")]
+    assert files == [str(CONFIGS / "train.json"), str(CONFIGS / "student.json"), str(overlay)]
     dump = tmp_path / "merged.json"
     overrides = {
         "bundle_root": str(DEFAULT_BUNDLE), "seed": 3,
@@ -84,7 +85,8 @@ def test_plain_bundle_run_merges_overlays_like_monai_cxr_ssl(tmp_path):
     ours = make_workflow(["student", str(overlay)], **overrides).parser
     ours.resolve_macro_and_relative_ids()  # as parsing did in the plain run
     assert plain == json.loads(json.dumps(ours.get()))
-    assert plain["train"]["trainer"]["max_epochs"] == "@student_epochs"  # student.json over the user's overlay
+    assert plain["train"]["trainer"]["max_epochs"] == "@student_epochs"  # student.json's, over the base config's
+    assert plain["student_epochs"] == 2  # the user's overlay over student.json's default (10)
     assert plain["learning_rate"] == 0.002 and plain["stage"] == "student" and plain["seed"] == 3
 
 

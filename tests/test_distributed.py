@@ -24,9 +24,10 @@ import torch
 from conftest import PAUSE_AFTER_EPOCH_1, kill_tree, run_processes, wait_for_pause
 
 from monai_cxr_ssl.distributed import gather_in_order, init_process_group
+from monai_cxr_ssl.launch import run_bundle
 from monai_cxr_ssl.losses import NTXentLoss
 from monai_cxr_ssl.pseudo_labels import read_pseudo_labels
-from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, run_bundle
+from monai_cxr_ssl.workflow import DEFAULT_BUNDLE
 
 TESTS = Path(__file__).resolve().parent
 PROBE = TESTS / "data" / "ddp_probe.json"

@@ -13,9 +13,15 @@ from monai.data import DataLoader
 from monai.handlers import ROCAUC, from_engine
 from monai.transforms import Compose, RandFlipd, RandGaussianNoised
 
-from monai_cxr_ssl.engines import MeanTeacherEvaluator, MeanTeacherTrainer, check_ema_decay, sigmoid_rampup, teacher_ema
 from monai_cxr_ssl.handlers import BestCheckpoint
 from monai_cxr_ssl.losses import BernoulliKLDivLoss
+from monai_cxr_ssl.methods.mean_teacher.engine import (
+    MeanTeacherEvaluator,
+    MeanTeacherTrainer,
+    check_ema_decay,
+    sigmoid_rampup,
+    teacher_ema,
+)
 from monai_cxr_ssl.sharpening import aals
 from monai_cxr_ssl.transforms import TwoViewsd
 

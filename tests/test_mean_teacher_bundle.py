@@ -20,9 +20,8 @@ DEMO = cli.DEFAULT_BUNDLE.parents[1] / "configs" / "demo.json"
 
 
 def _bundle_run(files: list[str], settings: dict, **extra) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` of the base config, the demo overlay, then the stage's overlay."""
-    base, *stage = files
-    paths = [str(CONFIGS / base), str(DEMO), *(str(CONFIGS / f) for f in stage)]
+    """``python -m monai.bundle run`` of the stage's configs (base config first), then the demo overlay."""
+    paths = [*(str(CONFIGS / f) for f in files), str(DEMO)]
     args = [f"--{k}={v}" for k, v in {**settings, **extra}.items()]
     return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(paths), *args],
                           cwd=settings["output_dir"].parent, capture_output=True, text=True, timeout=600)

@@ -15,14 +15,14 @@ from monai_cxr_ssl import methods
 from monai_cxr_ssl.methods import TEACHER_STAGE, Method, Pretraining, StageKind, evaluation
 
 TOY_COLUMN = "toy model"
-TOY_LEARNING_RATE = 5e-5  # the overlay's one setting, to see that the toy stage, and only it, merged it
+TOY_LR_DECAY = 0.5  # the overlay's one setting, to see that the toy stage, and only it, merged it
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A toy method and a toy pre-training stage in the registry for this module's tests, taken out after them."""
     overlay = tmp_path_factory.mktemp("toy_method") / "toy.json"
-    overlay.write_text(json.dumps({"stage": "toy", "init_stage": TEACHER_STAGE, "learning_rate": TOY_LEARNING_RATE}))
+    overlay.write_text(json.dumps({"stage": "toy", "init_stage": TEACHER_STAGE, "lr_decay": TOY_LR_DECAY}))
     kind = StageKind("toy", ("train.json", "finetune.json", str(overlay)), reads="init_stage",
                      epochs="finetune_epochs")
     method = Method("toy", "teacher → toy fine-tune", (kind,),
@@ -58,9 +58,9 @@ def toy_run(toy, settings):
     initialisation by about their learning rate per step)."""
     from monai_cxr_ssl.pipeline import Pipeline
 
-    overrides = {**settings, "method": "toy", "pretrain": "toy_pretrain", "teacher:learning_rate": 1e-12}
+    overrides = {**settings, "teacher:learning_rate": 1e-12}
     lines = []
-    results = Pipeline(["demo"], overrides, echo=lines.append).run()
+    results = Pipeline(["demo"], overrides, echo=lines.append, method="toy", pretrain="toy_pretrain").run()
     return results, lines, overrides
 
 
@@ -113,7 +113,7 @@ def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy
         assert results["auroc"][column] == report["mean_auroc"]
     toy_config = json.loads((out / "toy" / "config_executed.json").read_text())
     teacher_config = json.loads((out / "teacher" / "config_executed.json").read_text())
-    assert toy_config["learning_rate"] == TOY_LEARNING_RATE and teacher_config["learning_rate"] != TOY_LEARNING_RATE
+    assert toy_config["lr_decay"] == TOY_LR_DECAY and teacher_config["lr_decay"] != TOY_LR_DECAY
     assert json.loads((out / "toy" / ".toy.done.json").read_text())["inputs"].keys() == {"teacher"}
     assert (out / "table1.md").read_text().splitlines()[0] == f"| labeled | seeds | teacher | {TOY_COLUMN} |"
 
@@ -147,7 +147,7 @@ def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy
 
     # the same pipeline again: every stage is done (the stage keys do not depend on the run)
     again = []
-    Pipeline(["demo"], overrides, echo=again.append).run()
+    Pipeline(["demo"], overrides, echo=again.append, method="toy", pretrain="toy_pretrain").run()
     assert [line for line in again if line.startswith("[")] and all(
         "done earlier" in line for line in again if line.startswith("["))
 
@@ -188,6 +188,15 @@ def test_encoder_of_a_real_teacher_checkpoint_is_mapped(toy_run, settings, tmp_p
     for key, value in features.items():
         if key != "features.conv0.weight":
             torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+    # a stage's last.pt (the training state, the weights under "network") is read as well
+    last = f"{settings['output_dir']}/toy_pretrain/models/last.pt"
+    last_network = torch.load(last, weights_only=True)["network"]
+    net = CXRDenseNet121(num_classes=3)
+    load_encoder(net, last)
+    for key, value in last_network.items():
+        if key.startswith("features."):
+            torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=0)
 
     # a checkpoint with the same head (the teacher's own) gives the teacher back
     net = CXRDenseNet121(num_classes=1)

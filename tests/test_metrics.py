@@ -179,7 +179,7 @@ def test_mean_teacher_validation_scores_both_models_over_defined_classes(tmp_pat
     from monai.handlers import from_engine
     from monai.transforms import Activationsd
 
-    from monai_cxr_ssl.engines import MeanTeacherEvaluator
+    from monai_cxr_ssl.methods.mean_teacher.engine import MeanTeacherEvaluator
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 3)).astype(np.float32)

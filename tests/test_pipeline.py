@@ -68,7 +68,7 @@ def test_plan_of_the_mean_teacher_method():
 
 
 def test_aals_ablation_settings():
-    from monai_cxr_ssl.ablation import aals_settings, format_ablation
+    from monai_cxr_ssl.methods.mean_teacher.ablation import aals_settings, format_ablation
 
     pairs = aals_settings()  # the paper's tables: t varied at a0 = 4, a0 varied at t = 0.4
     assert pairs == [(0.2, 4.0), (0.3, 4.0), (0.4, 4.0), (0.5, 4.0), (0.4, 1.0), (0.4, 8.0), (0.4, 16.0)]

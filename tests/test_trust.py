@@ -20,8 +20,9 @@ from PIL import Image
 from monai_cxr_ssl.checkpoints import PROVENANCE_FILE, load_weights, write_provenance
 from monai_cxr_ssl.cli import _user_error, main
 from monai_cxr_ssl.data import ChestXray14, ClassFolders, make_synthetic_dataset, prepare_split, samples_per_epoch
+from monai_cxr_ssl.launch import run_bundle
 from monai_cxr_ssl.pipeline import Pipeline
-from monai_cxr_ssl.workflow import make_workflow, run_bundle
+from monai_cxr_ssl.workflow import make_workflow
 
 TINY = {"image_size": 40, "crop_size": 32, "batch_size": 8, "num_workers": 0, "cache_rate": 1.0,
         "labeled_fraction": 0.5, "num_epochs": 1}
@@ -218,11 +219,15 @@ def test_specific_epochs_win_over_num_epochs():
         ({"keep_fracton": 0.5}, "did you mean keep_fraction"),
         ({"mean_teacher:ema_decay": 0.9}, "has no mean_teacher stage"),
         ({"method": "mean_teacher", "ema_decay": 1.5}, "ema_decay=1.5"),
+        ({"method": "mean_teacher", "mean_teacher_epochs": 0}, "mean_teacher_epochs=0 (stage mean_teacher)"),
     ],
 )
 def test_pipeline_checks_every_stage_first(tmp_path, data, overrides, message):
+    from monai_cxr_ssl.pipeline import pipeline_options
+
+    options, overrides = pipeline_options(overrides)
     with pytest.raises(ValueError) as err:
-        Pipeline(["demo"], _common(tmp_path, data, **overrides))
+        Pipeline(["demo"], _common(tmp_path, data, **overrides), **options)
     assert message in str(err.value)
     assert not (tmp_path / "out").exists()
 

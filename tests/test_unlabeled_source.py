@@ -256,8 +256,8 @@ def test_labeled_fraction_one_pseudo_labels_exactly_the_unlabeled_source(tmp_pat
     """The pseudo-label stage (with ``report_true_labels`` on, the default) and the filter on label-less images
     with ``labeled_fraction: 1``; the student's datalist comes from them."""
     from monai_cxr_ssl.data import unlabeled_datalist
+    from monai_cxr_ssl.launch import run_bundle
     from monai_cxr_ssl.pseudo_labels import load_filtered_datalist, read_pseudo_labels
-    from monai_cxr_ssl.workflow import run_bundle
 
     data = make_synthetic_dataset(tmp_path / "data", n_train=20, n_test=6, image_size=48, prevalence=0.4, seed=2)
     extra = Path(make_synthetic_dataset(tmp_path / "other", n_train=8, n_test=4, image_size=48, seed=3))
@@ -294,7 +294,7 @@ def test_real_dicoms_and_kermany_jpegs_as_unlabeled_source(shared_data, tmp_path
     import torch
 
     from monai_cxr_ssl.data import unlabeled_datalist
-    from monai_cxr_ssl.workflow import run_bundle
+    from monai_cxr_ssl.launch import run_bundle
 
     kermany = sorted((shared_data / "kermany_pneumonia" / "test" / "NORMAL").glob("*.jpeg"))[:6]
     pacs = tmp_path / "pacs"

@@ -1,13 +1,6 @@
-"""Ignite engines beyond MONAI's supervised ones: a semi-supervised trainer and mean-teacher distillation."""
+"""Ignite engines shared by the methods: a trainer that learns from a labeled and an unlabeled batch per iteration.
+A method's own engine lives with it in ``monai_cxr_ssl.methods``."""
 
-from monai_cxr_ssl.engines.mean_teacher import (
-    MeanTeacherEvaluator,
-    MeanTeacherTrainer,
-    check_ema_decay,
-    sigmoid_rampup,
-    teacher_ema,
-)
 from monai_cxr_ssl.engines.semi_supervised import SemiSupervisedTrainer
 
-__all__ = ["MeanTeacherEvaluator", "MeanTeacherTrainer", "SemiSupervisedTrainer", "check_ema_decay",
-           "sigmoid_rampup", "teacher_ema"]
+__all__ = ["SemiSupervisedTrainer"]

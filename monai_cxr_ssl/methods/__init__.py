@@ -22,11 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from monai_cxr_ssl.rules import Rule, whole
+
 __all__ = [
     "DEFAULT_METHOD", "ENCODER_INIT", "EVALUATE", "Method", "Pretraining", "StageKind", "Step", "TEACHER",
     "TEACHER_COLUMN", "TEACHER_STAGE", "belongs_to", "column_of", "column_order", "columns", "epoch_settings",
     "evaluation", "get", "get_pretraining", "named_configs", "names", "plan", "pretraining_names", "register",
-    "stage_kind", "stage_kinds", "teacher_steps", "unregister", "with_pretraining",
+    "setting_rules", "stage_kind", "stage_kinds", "teacher_steps", "unregister", "with_pretraining",
 ]
 
 DEFAULT_METHOD = "teacher_student"
@@ -59,9 +61,12 @@ class StageKind:
             unless ``config`` says otherwise, the name of its config (``monai-cxr-ssl run student``).
         files: its config files, base config first: names in the bundle's ``configs/`` or absolute paths.
         reads: the id that names the stage whose outputs it reads (``init_stage``), set by the pipeline.
-        epochs: its own epochs setting, which a general ``num_epochs`` sets too (``student_epochs``).
+        epochs: its own epochs setting, which a general ``num_epochs`` sets too (``student_epochs``); its default
+            is in the kind's overlay.
         unlabeled: it learns from the unlabeled split: the pipeline stops before it when that split is empty.
         config: the name of its config when it is not ``name`` (the teacher runs ``train``).
+        rules: the checks of the settings its overlay adds (``monai_cxr_ssl.rules``), applied with the shared ones
+            (``settings.RULES``) before any work starts; the epochs setting's is implied.
     """
 
     name: str
@@ -70,6 +75,7 @@ class StageKind:
     epochs: str | None = None
     unlabeled: bool = False
     config: str = ""
+    rules: dict[str, Rule] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.config:
@@ -240,6 +246,16 @@ def named_configs() -> dict[str, list[str]]:
 def epoch_settings() -> tuple[str, ...]:
     """The per-stage epochs settings (``student_epochs`` ...): a general ``num_epochs`` sets those not given."""
     return tuple(dict.fromkeys(kind.epochs for kind in stage_kinds() if kind.epochs))
+
+
+def setting_rules() -> dict[str, Rule]:
+    """The checks of every registered stage kind's own settings (``StageKind.rules``, its epochs setting)."""
+    rules: dict[str, Rule] = {}
+    for kind in stage_kinds():
+        rules.update(kind.rules)
+        if kind.epochs:
+            rules[kind.epochs] = whole(1)
+    return rules
 
 
 def evaluation(stage: str, kind: StageKind | str, column: str | None) -> Step:

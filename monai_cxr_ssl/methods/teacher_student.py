@@ -9,9 +9,17 @@ from __future__ import annotations
 import re
 
 from monai_cxr_ssl.methods import TEACHER_STAGE, Method, StageKind, Step, evaluation, register
+from monai_cxr_ssl.rules import BOOL, choice, interval
 
+# the balanced filter's settings (``handlers.BalancedFilter``; defaults in pseudo_label.json)
 PSEUDO_LABEL = StageKind("pseudo_label", ("train.json", "evaluate.json", "pseudo_label.json"), reads="teacher_stage",
-                         unlabeled=True)
+                         unlabeled=True, rules={
+                             "keep_fraction": interval(0, 1, False, True),
+                             "soft_labels": BOOL,
+                             "filter_threshold": interval(0, 1, True, True, nullable=True),
+                             "sharpening": choice(None, "aals"),
+                             "report_true_labels": BOOL,
+                         })
 STUDENT = StageKind("student", ("train.json", "student.json"), reads="pseudo_label_stage", epochs="student_epochs")
 FINETUNE = StageKind("finetune", ("train.json", "finetune.json"), reads="init_stage", epochs="finetune_epochs")
 

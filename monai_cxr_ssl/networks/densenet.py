@@ -180,10 +180,12 @@ def encoder_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.T
 
 def load_encoder(model: nn.Module, path: str | os.PathLike) -> None:
     """Initialise ``model``'s encoder from the pre-training checkpoint ``path`` (``encoder_state_dict``): a state
-    dict, or one under a ``state_dict`` key. A file that does not fit raises a one-line ``ValueError`` naming it."""
+    dict (any stage's ``models/model.pt``), or one under a ``state_dict`` or ``network`` key (a stage's
+    ``models/last.pt``: its network's weights at the end of its last epoch). A file that does not fit raises a
+    one-line ``ValueError`` naming it."""
     from monai_cxr_ssl.checkpoints import read_state_dict
 
-    state = read_state_dict(path, PRETRAINING_CHECKPOINT, wrapper_key="state_dict")
+    state = read_state_dict(path, PRETRAINING_CHECKPOINT, wrapper_keys=("state_dict", "network"))
     target = model.state_dict()
     try:
         loaded = encoder_state_dict(state, target)

@@ -1,15 +1,27 @@
 """The mean-teacher method with adaptive asymmetric label sharpening (AALS): a student initialised from the
 teacher learns from the labeled split and from the sharpened predictions of its exponential moving average on the
-unlabeled split (Table I's ``mean teacher``)."""
+unlabeled split (Table I's ``mean teacher``).
+
+Here: the stage kind and its settings' checks (defaults in the bundle's ``configs/mean_teacher.json``), the plan,
+the engine (``engine``: the trainer, the evaluator of student and teacher, the EMA) and the AALS ablation
+(``ablation``, ``monai-cxr-ssl aals-ablation``). AALS itself (``monai_cxr_ssl.sharpening``) is shared: the
+teacher-student pseudo-labels can be sharpened with it too."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from monai_cxr_ssl.methods import TEACHER_STAGE, Method, StageKind, Step, evaluation, register
+from monai_cxr_ssl.rules import BOOL, NON_NEGATIVE, interval, whole
 
 MEAN_TEACHER = StageKind("mean_teacher", ("train.json", "mean_teacher.json"), reads="init_stage",
-                         epochs="mean_teacher_epochs", unlabeled=True)
+                         epochs="mean_teacher_epochs", unlabeled=True, rules={
+                             "ema_decay": interval(0, 1, False, False),
+                             "consistency_weight": NON_NEGATIVE,
+                             "rampup_epochs": whole(0),
+                             "aals_per_image": BOOL,
+                             "separate_views": BOOL,
+                         })
 COLUMN = "mean teacher"
 
 

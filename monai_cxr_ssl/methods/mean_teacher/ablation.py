@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_cxr_ssl.methods import TEACHER_COLUMN, mean_teacher, teacher_steps
+from monai_cxr_ssl.methods import TEACHER_COLUMN, teacher_steps
+from monai_cxr_ssl.methods.mean_teacher import MEAN_TEACHER, variant
 from monai_cxr_ssl.pipeline import Pipeline
 from monai_cxr_ssl.sharpening import check_aals_parameters
 from monai_cxr_ssl.tracking import tracking_client
@@ -72,8 +73,8 @@ def run_aals_ablation(
     pairs = aals_settings(ts, a0s, grid)
     steps = teacher_steps()
     for t, a0 in pairs:
-        stage = f"{mean_teacher.MEAN_TEACHER.name}_{_column(t, a0)}"
-        steps += mean_teacher.variant(stage, _column(t, a0), aals_t=t, aals_a0=a0)
+        stage = f"{MEAN_TEACHER.name}_{_column(t, a0)}"
+        steps += variant(stage, _column(t, a0), aals_t=t, aals_a0=a0)
     pipeline = Pipeline(overlays, overrides, bundle, echo=echo, steps=steps, name="aals-ablation")
     results = pipeline.run()
     table = format_ablation(results["auroc"], pairs)
