@@ -51,7 +51,7 @@ _KIND_OVERRIDE = re.compile(r"(\w+):(?!:)(.+)")
 
 
 def pipeline_options(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Separate the pipeline's options (``PIPELINE_OPTIONS``: ``method=mean_teacher``) from the stages' overrides."""
+    """Separate the pipeline's options (``PIPELINE_OPTIONS``: ``method=NAME``) from the stages' overrides."""
     options = {k: v for k, v in overrides.items() if k in PIPELINE_OPTIONS}
     return options, {k: v for k, v in overrides.items() if k not in PIPELINE_OPTIONS}
 
@@ -181,7 +181,9 @@ class Pipeline:
         launched = [multi_gpu_config(self.bundle)] if self.launch is not None else []  # its settings are known
         plain = {step.config: make_workflow([step.config, *self.overlays, *launched], self.bundle).parser.get()
                  for step in self.steps}  # the stages' configs without the overrides, whose keys are checked
-        check_override_keys(self.common, plain.values(), where="the overrides of every stage")
+        # a registered method's own setting (mean_teacher_epochs) is known even where this method has no such stage
+        check_override_keys(self.common, plain.values(), extra=methods.setting_rules(),
+                            where="the overrides of every stage")
         read = [(step, read_ids(parser)) for step, parser in zip(self.steps, parsers, strict=True)
                 if any(self.per_kind.values())]  # the ids each stage reads, for per-stage overrides
         for kind, values in self.per_kind.items():
