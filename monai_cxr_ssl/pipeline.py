@@ -143,12 +143,11 @@ class Pipeline:
         pretrain: str | None = None,
     ) -> None:
         self.overlays = list(overlays)
-        overrides = dict(overrides or {})
-        options = [key for key in PIPELINE_OPTIONS if key in overrides]
+        options, overrides = pipeline_options(dict(overrides or {}))
         if options:
             raise ValueError(f"{', '.join(options)} {'is an option' if len(options) == 1 else 'are options'} of the "
                              "pipeline, not a stage setting: pass Pipeline(..., "
-                             f"{', '.join(f'{k}={overrides[k]!r}' for k in options)}).")
+                             f"{', '.join(f'{k}={v!r}' for k, v in options.items())}).")
         self.common, self.per_kind = split_overrides(overrides)
         self.bundle = bundle
         self.sweep_run_id = parent_run_id

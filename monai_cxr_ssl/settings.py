@@ -1,7 +1,8 @@
 """Checks of a stage's settings before any work starts: unknown override keys, numbers out of range, sizes that
 DenseNet121 cannot take, an output folder that is a file.
 
-``check_settings`` reads the parsed value of every id in ``RULES`` that a config has, so one call covers a stage
+``check_settings`` reads the parsed value of every id with a rule (``all_rules``: the shared ``RULES`` and the
+registered stage kinds' own, ``StageKind.rules``) that a config has, so one call covers a stage
 (``monai-cxr-ssl run``) or every stage of a pipeline at its start; ``check_values`` is the same check on a dict, for
 the ``initialize`` section of plain ``python -m monai.bundle run``. MONAI merges unknown override keys silently, so
 ``check_override_keys`` compares the keys a user gave with the ids of the merged config.

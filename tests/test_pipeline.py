@@ -266,3 +266,12 @@ def test_sweep_over_seeds_with_an_empty_unlabeled_split(tiny):
             [experiment], filter_string=f"tags.mlflow.parentRunId = '{pipeline.info.run_id}'"
         )
         assert sorted(r.info.run_name.split("-")[0] for r in children) == ["teacher", "teacher"]
+
+
+def test_pipeline_options_are_arguments_not_stage_settings():
+    from monai_cxr_ssl.pipeline import Pipeline, pipeline_options
+
+    assert pipeline_options({"method": "mean_teacher", "rounds": 2, "seed": 1}) == (
+        {"method": "mean_teacher", "rounds": 2}, {"seed": 1})
+    with pytest.raises(ValueError, match=r"pass Pipeline\(\.\.\., method='mean_teacher'\)"):
+        Pipeline([], {"method": "mean_teacher"})
