@@ -1,7 +1,8 @@
 """The method registry: a toy method registered here (the teacher, then one "toy" stage: the fine-tune config plus an
 overlay written here) runs through the pipeline, the comparison of its MLflow runs and export without any change to
-the package; a toy pre-training stage initialises its teacher's encoder; ``load_encoder`` maps a real teacher
-checkpoint onto ``CXRDenseNet121``."""
+the package; a toy label-free pre-training stage (``toy_rotation``: predicting each image's rotation) initialises its
+teacher's encoder, and resumes after SIGKILL on 2 gloo processes; ``load_encoder`` maps a real teacher checkpoint
+onto ``CXRDenseNet121``."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import toy_rotation
+from conftest import PAUSE_AFTER_EPOCH_1, kill_tree, run_processes, wait_for_pause
 
 from monai_cxr_ssl import methods
-from monai_cxr_ssl.methods import TEACHER_STAGE, Method, Pretraining, StageKind, evaluation
+from monai_cxr_ssl.methods import TEACHER_STAGE, Method, StageKind, evaluation
 
 TOY_COLUMN = "toy model"
 TOY_LR_DECAY = 0.5  # the overlay's one setting, to see that the toy stage, and only it, merged it
@@ -27,15 +30,13 @@ def toy(tmp_path_factory):
                      epochs="finetune_epochs")
     method = Method("toy", "teacher → toy fine-tune", (kind,),
                     steps=lambda rounds: [kind.step("toy", TEACHER_STAGE), evaluation("toy", kind, TOY_COLUMN)])
-    # the "pre-training" is a teacher run: its checkpoint has the encoder the mapping must find
-    pretraining = Pretraining(StageKind("toy_pretrain", ("train.json",)), "a supervised run as pre-training")
     methods.register(method)
-    methods.register(pretraining)
+    toy_rotation.register()
     try:
         yield method
     finally:
         methods.unregister("toy")
-        methods.unregister("toy_pretrain")
+        methods.unregister(toy_rotation.NAME)
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +54,14 @@ def settings(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy_run(toy, settings):
-    """The toy method after the toy pre-training, run once (5 tiny stages). The teacher barely moves (learning rate
-    1e-12): its weights show where it started, at the pre-training's weights (which moved from the common
-    initialisation by about their learning rate per step)."""
+    """The toy method after the toy label-free pre-training, run once (5 tiny stages). The teacher barely moves
+    (learning rate 1e-12): its weights show where it started, at the pre-training's weights (which moved from the
+    common initialisation by about their learning rate per step)."""
     from monai_cxr_ssl.pipeline import Pipeline
 
     overrides = {**settings, "teacher:learning_rate": 1e-12}
     lines = []
-    results = Pipeline(["demo"], overrides, echo=lines.append, method="toy", pretrain="toy_pretrain").run()
+    results = Pipeline(["demo"], overrides, echo=lines.append, method="toy", pretrain=toy_rotation.NAME).run()
     return results, lines, overrides
 
 
@@ -78,16 +79,20 @@ def test_the_registry_lists_the_toy_method_while_it_is_registered(toy, capsys):
     from monai_cxr_ssl.cli import build_parser, main
     from monai_cxr_ssl.pipeline import split_overrides
 
-    assert methods.names()[-1] == "toy" and "toy_pretrain" in methods.pretraining_names()
+    assert methods.names()[-1] == "toy" and toy_rotation.NAME in methods.pretraining_names()
     assert methods.named_configs()["toy"][-1].endswith("toy.json")
-    _, per_kind = split_overrides({"toy:num_epochs": 2, "toy_pretrain:seed": 1})
-    assert per_kind["toy"] == {"num_epochs": 2} and per_kind["toy_pretrain"] == {"seed": 1}
+    # a stage kind without labels runs the shared label-free overlay after its base config
+    assert methods.named_configs()[toy_rotation.NAME] == ["train.json", "label_free.json", str(toy_rotation.OVERLAY)]
+    _, per_kind = split_overrides({"toy:num_epochs": 2, "toy_rotation:seed": 1})
+    assert per_kind["toy"] == {"num_epochs": 2} and per_kind["toy_rotation"] == {"seed": 1}
     with pytest.raises(SystemExit):
         main(["pipeline", "--help"])
     pipeline_help = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
     assert "toy: teacher → toy fine-tune" in pipeline_help
-    assert "toy_pretrain: a supervised run as pre-training" in pipeline_help
-    assert "kinds: toy_pretrain, teacher, pseudo_label, student, finetune, mean_teacher, toy, evaluate" in pipeline_help
+    assert "toy_rotation: predicts each image's rotation (a test's toy)" in pipeline_help
+    kinds = pipeline_help.split("kinds: ", 1)[1].split(")", 1)[0].split(", ")
+    assert kinds[0] == "toy_rotation" and kinds[1] == "teacher" and kinds[-1] == "evaluate"  # the order of a run
+    assert {"toy", "student", "mean_teacher"} <= set(kinds)
     parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["compare", "x", "--method", "nope"])
@@ -107,9 +112,9 @@ def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy
     results, lines, overrides = toy_run
     out = Path(settings["output_dir"])
     assert [line.split("] ", 1)[1] for line in lines if line.startswith("[")] == [
-        "toy_pretrain: running", "teacher: running", "teacher/evaluate: running", "toy: running",
+        "toy_rotation: running", "teacher: running", "teacher/evaluate: running", "toy: running",
         "toy/evaluate: running"]
-    assert (results["method"], results["pretrain"]) == ("toy", "toy_pretrain")
+    assert (results["method"], results["pretrain"]) == ("toy", "toy_rotation")
     assert list(results["auroc"]) == ["teacher", TOY_COLUMN]
     for column, stage in (("teacher", "teacher"), (TOY_COLUMN, "toy")):  # the evaluation reports behind them
         report = json.loads((out / stage / "test_metrics.json").read_text())
@@ -120,14 +125,27 @@ def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy
     assert json.loads((out / "toy" / ".toy.done.json").read_text())["inputs"].keys() == {"teacher"}
     assert (out / "table1.md").read_text().splitlines()[0] == f"| labeled | seeds | teacher | {TOY_COLUMN} |"
 
-    # the pre-training's checkpoint initialised the teacher; a re-made pre-training would re-run it
-    pretrained = torch.load(out / "toy_pretrain" / "models" / "model.pt", weights_only=True)
+    # the label-free stage learnt the rotations from the labeled and unlabeled images, validated nothing and saved
+    # its last epoch's model as models/model.pt; that checkpoint initialised the teacher's encoder
+    split = json.loads((out / "split.json").read_text())
+    rotation = mlflow.MlflowClient(tracking_uri=settings["tracking_uri"]).get_run(results["runs"]["toy_rotation"])
+    assert int(rotation.data.params["num_train"]) == len(split["labeled"]) + len(split["unlabeled"])
+    assert "val_auroc" not in rotation.data.metrics and "train_loss" in rotation.data.metrics
+    assert sorted(p.name for p in (out / "toy_rotation" / "models").iterdir()) == [
+        "last.pt", "model.pt", "provenance.json"]
+    pretrained = torch.load(out / "toy_rotation" / "models" / "model.pt", weights_only=True)
+    last = torch.load(out / "toy_rotation" / "models" / "last.pt", weights_only=True)["network"]
+    assert pretrained.keys() == last.keys() and all(torch.equal(pretrained[k], last[k]) for k in last)
+    assert pretrained["class_layers.out.weight"].shape[0] == 4  # the rotation head
     teacher = torch.load(out / "teacher" / "models" / "model.pt", weights_only=True)
-    for key in ("features.conv0.weight", "features.denseblock4.denselayer16.layers.conv2.weight",
-                "class_layers.out.weight"):
+    assert teacher.keys() == pretrained.keys()
+    # every weight and bias of the encoder (the running statistics of its norms move with any training)
+    parameters = [k for k in pretrained if k.startswith("features.") and k.endswith((".weight", ".bias"))]
+    assert len(parameters) > 300
+    for key in parameters:
         torch.testing.assert_close(teacher[key], pretrained[key], atol=1e-8, rtol=0)
-    assert teacher_config["encoder_init"] == "$os.path.join(@output_dir, 'toy_pretrain', 'models/model.pt')"
-    assert json.loads((out / "teacher" / ".train.done.json").read_text())["inputs"].keys() == {"toy_pretrain"}
+    assert teacher_config["encoder_init"] == "$os.path.join(@output_dir, 'toy_rotation', 'models/model.pt')"
+    assert json.loads((out / "teacher" / ".train.done.json").read_text())["inputs"].keys() == {"toy_rotation"}
 
     # compare reads the real MLflow runs: the toy stage's evaluation is the toy method's column
     runs = evaluation_runs(["methods"], tracking_uri=settings["tracking_uri"])
@@ -141,7 +159,7 @@ def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy
                         tracking_uri=settings["tracking_uri"], log_summary=False)
     assert list(other["rows"][0]) == ["labeled_fraction", "teacher"]  # the toy stage is no other method's
     tags = mlflow.MlflowClient(tracking_uri=settings["tracking_uri"]).get_run(results["run_id"]).data.tags
-    assert (tags["method"], tags["pretrain"]) == ("toy", "toy_pretrain")
+    assert (tags["method"], tags["pretrain"]) == ("toy", "toy_rotation")
 
     # export takes the toy stage, the method's last model
     meta = export_model(out, tmp_path / "model.ts", ood_images=0)
@@ -150,13 +168,13 @@ def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy
 
     # the same pipeline again: every stage is done (the stage keys do not depend on the run)
     again = []
-    Pipeline(["demo"], overrides, echo=again.append, method="toy", pretrain="toy_pretrain").run()
+    Pipeline(["demo"], overrides, echo=again.append, method="toy", pretrain=toy_rotation.NAME).run()
     assert [line for line in again if line.startswith("[")] and all(
         "done earlier" in line for line in again if line.startswith("["))
 
 
 def test_unknown_pretraining_names_the_registered_ones(toy):
-    with pytest.raises(ValueError, match=r"pretrain must be one of \['toy_pretrain'\], got 'simclr'"):
+    with pytest.raises(ValueError, match=r"pretrain must be one of \['toy_rotation'\], got 'simclr'"):
         methods.plan(method="toy", pretrain="simclr")
 
 
@@ -164,7 +182,7 @@ def test_unknown_pretraining_names_the_registered_ones(toy):
 def test_encoder_of_a_real_teacher_checkpoint_is_mapped(toy_run, settings, tmp_path):
     from monai_cxr_ssl.networks import CXRDenseNet121, load_encoder
 
-    path = f"{settings['output_dir']}/toy_pretrain/models/model.pt"  # a real (1-epoch) run of the teacher config
+    path = f"{settings['output_dir']}/teacher/models/model.pt"  # a real (1-epoch) run of the teacher config
     teacher = torch.load(path, weights_only=True)
     features = {k: v for k, v in teacher.items() if k.startswith("features.")}
 
@@ -193,7 +211,7 @@ def test_encoder_of_a_real_teacher_checkpoint_is_mapped(toy_run, settings, tmp_p
             torch.testing.assert_close(state[key], value, rtol=0, atol=0)
 
     # a stage's last.pt (the training state, the weights under "network") is read as well
-    last = f"{settings['output_dir']}/toy_pretrain/models/last.pt"
+    last = f"{settings['output_dir']}/toy_rotation/models/last.pt"
     last_network = torch.load(last, weights_only=True)["network"]
     net = CXRDenseNet121(num_classes=3)
     load_encoder(net, last)
@@ -212,7 +230,7 @@ def test_encoder_of_a_real_teacher_checkpoint_is_mapped(toy_run, settings, tmp_p
 def test_encoder_checkpoints_that_do_not_fit_are_one_line_errors(toy_run, settings, tmp_path):
     from monai_cxr_ssl.networks import CXRDenseNet121, load_encoder
 
-    teacher = torch.load(f"{settings['output_dir']}/toy_pretrain/models/model.pt", weights_only=True)
+    teacher = torch.load(f"{settings['output_dir']}/teacher/models/model.pt", weights_only=True)
     net = CXRDenseNet121(num_classes=1)
     cases = {
         "nothing.pt": ({"projection.weight": torch.zeros(2, 2)}, "no key maps onto the network's feature layers"),
@@ -231,3 +249,42 @@ def test_encoder_checkpoints_that_do_not_fit_are_one_line_errors(toy_run, settin
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint.*pre-training checkpoint"):
         load_encoder(net, tmp_path / "garbage.pt")
+
+
+@pytest.mark.slow
+def test_label_free_stage_on_two_processes_resumes_after_sigkill(settings, tmp_path):
+    """The toy label-free stage on 2 gloo processes (``--nproc-per-node 2``), killed with SIGKILL after epoch 1 and
+    run again: it resumes from ``last.pt``, and ``models/model.pt`` exists only once the run has completed, holding
+    the weights of its last epoch."""
+    import os
+    import subprocess
+    import sys
+
+    from monai_cxr_ssl.methods import LABEL_FREE_CONFIG
+    from monai_cxr_ssl.workflow import DEFAULT_BUNDLE
+
+    models = tmp_path / "out" / toy_rotation.NAME / "models"
+    run = {**settings, "output_dir": tmp_path / "out", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "num_epochs": 2, "pause_file": tmp_path / "pause"}
+    # the kind's configs as files: the subprocesses' registry does not hold the toy stage
+    cmd = [sys.executable, "-m", "monai_cxr_ssl.cli", "run", "train", "demo", str(Path(DEFAULT_BUNDLE) / "configs" /
+           LABEL_FREE_CONFIG), str(toy_rotation.OVERLAY), str(PAUSE_AFTER_EPOCH_1), "--nproc-per-node", "2",
+           "--set", *(f"{k}={v}" for k, v in run.items())]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(toy_rotation.__file__).parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, env=env)
+    wait_for_pause(proc, tmp_path / "pause", log, timeout=300)
+    kill_tree(proc.pid)  # the launcher and both workers
+    proc.wait()
+    assert sorted(p.name for p in models.iterdir()) == ["last.pt", "provenance.json"]  # no model before the end
+
+    done = run_processes(cmd, timeout=300, cwd=tmp_path, env=env)  # no pause: epoch 1 is behind the resumed run
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "Resuming from" in done.stdout + done.stderr
+    last = torch.load(models / "last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] // last["trainer"]["epoch_length"] == 2
+    model = torch.load(models / "model.pt", weights_only=True)
+    assert model.keys() == last["network"].keys()  # unwrapped: no DDP "module." prefix
+    assert all(torch.equal(model[k], last["network"][k]) for k in model)

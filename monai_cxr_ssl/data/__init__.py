@@ -31,6 +31,7 @@ from monai_cxr_ssl.data.splits import (
     select_classes,
     split_fingerprint,
     subsample,
+    training_images,
 )
 from monai_cxr_ssl.data.synthetic import make_synthetic_dataset
 from monai_cxr_ssl.data.unlabeled import UnlabeledImages, drop_duplicates, load_unlabeled_source
@@ -70,5 +71,6 @@ __all__ = [
     "select_classes",
     "split_fingerprint",
     "subsample",
+    "training_images",
     "unlabeled_datalist",
 ]

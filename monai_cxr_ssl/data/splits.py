@@ -24,7 +24,7 @@ from monai_cxr_ssl.utils import read_json, write_json
 
 __all__ = [
     "check_num_classes", "fingerprint", "load_split", "make_split", "prepare_split", "select_classes",
-    "split_fingerprint", "subsample",
+    "split_fingerprint", "subsample", "training_images",
 ]
 
 logger = logging.getLogger("monai_cxr_ssl")
@@ -537,3 +537,11 @@ def subsample(items: Sequence[dict], limit: int | None, seed: int = 0) -> list[d
         raise ValueError(f"max_unlabeled must be a positive number of images or null, got {limit}.")
     keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
     return [items[i] for i in keep]
+
+
+def training_images(split: dict, max_unlabeled: int | None = None, seed: int = 0) -> list[dict]:
+    """The images a stage without labels (a self-supervised pre-training) learns from: the labeled split's and the
+    unlabeled split's (capped at ``max_unlabeled``, ``subsample``), without their labels. The validation and test
+    images stay out, as for every other stage."""
+    items = [*split["labeled"], *subsample(split["unlabeled"], max_unlabeled, seed)]
+    return [{key: value for key, value in item.items() if key != "label"} for item in items]

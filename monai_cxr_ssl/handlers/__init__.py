@@ -1,7 +1,7 @@
 """Ignite handlers used by the bundles."""
 
 from monai_cxr_ssl.handlers.balanced_filter import BalancedFilter
-from monai_cxr_ssl.handlers.checkpoint import BestCheckpoint, ResumableCheckpoint
+from monai_cxr_ssl.handlers.checkpoint import BestCheckpoint, FinalModel, ResumableCheckpoint
 from monai_cxr_ssl.handlers.errors import UserErrors
 from monai_cxr_ssl.handlers.mlflow import MLFlowRunHandler
 from monai_cxr_ssl.handlers.predictions import PredictionsCSV
@@ -14,6 +14,7 @@ __all__ = [
     "BalancedFilter",
     "BestCheckpoint",
     "EpochSeed",
+    "FinalModel",
     "MLFlowRunHandler",
     "PredictionsCSV",
     "PseudoLabelWriter",

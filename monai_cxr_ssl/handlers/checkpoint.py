@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -67,14 +67,15 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-class _ChosenModel:
-    """What ``BestCheckpoint`` saves: the weights of the candidate its latest evaluation scored best."""
+class _ModelWeights:
+    """What a stage saves as its model: the weights of the network ``network()`` returns when it saves (for
+    ``BestCheckpoint``, the candidate its latest evaluation scored best), without DDP's ``module.`` prefix."""
 
-    def __init__(self, owner: BestCheckpoint) -> None:
-        self.owner = owner
+    def __init__(self, network: Callable[[], torch.nn.Module]) -> None:
+        self.network = network
 
     def state_dict(self) -> dict[str, Any]:
-        return distributed.unwrap(self.owner.candidates[self.owner.chosen]).state_dict()  # no DDP "module." prefix
+        return distributed.unwrap(self.network()).state_dict()
 
 
 class BestCheckpoint:
@@ -104,7 +105,7 @@ class BestCheckpoint:
         self.chosen = metric_name  # the candidate scored best by the latest evaluation
         self.best_epoch: int | None = None  # the trainer epoch whose model the file holds
         self.checkpoint = Checkpoint(
-            to_save={"model": _ChosenModel(self)},
+            to_save={"model": _ModelWeights(lambda: self.candidates[self.chosen])},
             save_handler=_AtomicFileSaver(save_dir, filename),
             score_function=self._score,
             score_name=metric_name,
@@ -150,12 +151,39 @@ class BestCheckpoint:
         self.checkpoint.load_state_dict({k: v for k, v in state_dict.items() if k != "best_epoch"})
 
 
+class FinalModel:
+    """Saves ``network``'s weights to ``save_dir/filename`` when training completes, in the format of
+    ``BestCheckpoint``'s file: the model of a stage without a validation metric (a label-free pre-training).
+
+    Attach it to the trainer. A file left by an earlier run is removed when training starts, so that the file
+    exists only once a run has completed (a resumed run that had finished writes it again).
+    """
+
+    def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt") -> None:
+        self.path = os.path.join(save_dir, filename)
+        self.checkpoint = Checkpoint(to_save={"model": _ModelWeights(lambda: network)},
+                                     save_handler=_AtomicFileSaver(save_dir, filename), n_saved=None)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._remove)
+        engine.add_event_handler(Events.COMPLETED, self._save)
+
+    def _remove(self, engine: Engine) -> None:
+        if distributed.is_main_process() and os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def _save(self, engine: Engine) -> None:
+        self.checkpoint(engine)
+        logger.info("%s: the model after epoch %d (the last).", self.path, engine.state.epoch)
+
+
 class ResumableCheckpoint:
     """Saves the trainer and ``save_dict`` (network, optimizer, scheduler, best-model tracker...) to
     ``save_dir/filename`` after every epoch, and restores them when the trainer starts if the file exists.
 
     The engine it is attached to is saved as ``"trainer"``, so configs need no reference from the
-    handler back to the trainer. Attach it last in the trainer's handlers so the saved state
+    handler back to the trainer; a ``save_dict`` entry that is None is left out (a stage without labels has no
+    best-model tracker). Attach it last in the trainer's handlers so the saved state
     includes that epoch's validation and learning-rate step.
 
     Under torchrun rank 0 writes, every rank reads, and the ranks wait for each other after each save (so that a
@@ -185,7 +213,7 @@ class ResumableCheckpoint:
         self.save_dir = save_dir
         self.filename = filename
         self.path = os.path.join(save_dir, filename)
-        self.save_dict = dict(save_dict)
+        self.save_dict = {key: obj for key, obj in save_dict.items() if obj is not None}  # null: nothing to save
         self.resume = resume
         self.settings = dict(settings or {})
         self.split_fingerprint = split_fingerprint

@@ -25,16 +25,17 @@ from typing import Any
 from monai_cxr_ssl.rules import Rule, whole
 
 __all__ = [
-    "DEFAULT_METHOD", "ENCODER_INIT", "EVALUATE", "Method", "Pretraining", "StageKind", "Step", "TEACHER",
-    "TEACHER_COLUMN", "TEACHER_STAGE", "belongs_to", "column_of", "column_order", "columns", "epoch_settings",
-    "evaluation", "get", "get_pretraining", "named_configs", "names", "plan", "pretraining_names", "register",
-    "setting_rules", "stage_kind", "stage_kinds", "teacher_steps", "unregister", "with_pretraining",
+    "DEFAULT_METHOD", "ENCODER_INIT", "EVALUATE", "LABEL_FREE_CONFIG", "Method", "Pretraining", "StageKind", "Step",
+    "TEACHER", "TEACHER_COLUMN", "TEACHER_STAGE", "belongs_to", "column_of", "column_order", "columns",
+    "epoch_settings", "evaluation", "get", "get_pretraining", "named_configs", "names", "plan", "pretraining_names",
+    "register", "setting_rules", "stage_kind", "stage_kinds", "teacher_steps", "unregister", "with_pretraining",
 ]
 
 DEFAULT_METHOD = "teacher_student"
 TEACHER_STAGE = "teacher"  # the stage folder of the supervised teacher every method starts from
 TEACHER_COLUMN = "teacher"
 ENCODER_INIT = "encoder_init"  # train.json's id: a checkpoint whose encoder initialises the network
+LABEL_FREE_CONFIG = "label_free.json"  # the overlay of every stage kind without labels (``StageKind.labels``)
 # Named configs of the bundle that are no stage of the pipeline.
 _OTHER_CONFIGS = {"inference": ("inference.json",)}
 
@@ -67,6 +68,10 @@ class StageKind:
         config: the name of its config when it is not ``name`` (the teacher runs ``train``).
         rules: the checks of the settings its overlay adds (``monai_cxr_ssl.rules``), applied with the shared ones
             (``settings.RULES``) before any work starts; the epochs setting's is implied.
+        labels: it learns from the classes' labels and picks its model on the validation AUROC. A kind without
+            (a self-supervised pre-training) runs ``LABEL_FREE_CONFIG`` after its base config: it trains on the
+            labeled and unlabeled images without their labels, validates nothing and saves its model after its last
+            epoch (``models/model.pt``, the format of every stage's).
     """
 
     name: str
@@ -76,10 +81,17 @@ class StageKind:
     unlabeled: bool = False
     config: str = ""
     rules: dict[str, Rule] = field(default_factory=dict)
+    labels: bool = True
 
     def __post_init__(self) -> None:
         if not self.config:
             object.__setattr__(self, "config", self.name)
+
+    @property
+    def config_files(self) -> list[str]:
+        """Its config files as the bundle merges them: ``files``, with ``LABEL_FREE_CONFIG`` after the base config
+        for a kind without labels."""
+        return list(self.files) if self.labels else [self.files[0], LABEL_FREE_CONFIG, *self.files[1:]]
 
     def step(self, stage: str | None = None, source: str | None = None, **settings: Any) -> Step:
         """A step running this kind in the stage folder ``stage`` (default: the kind's name) on the outputs of the
@@ -239,7 +251,7 @@ def stage_kind(name: str) -> StageKind:
 
 def named_configs() -> dict[str, list[str]]:
     """The bundle's named configs (``monai-cxr-ssl run <name>``): name -> config files, base config first."""
-    configs = {kind.config: list(kind.files) for kind in stage_kinds()}
+    configs = {kind.config: kind.config_files for kind in stage_kinds()}
     return {**configs, **{name: list(files) for name, files in _OTHER_CONFIGS.items()}}
 
 
