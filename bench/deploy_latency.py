@@ -42,7 +42,7 @@ def random_model(path: Path, image_size: int, crop_size: int) -> Path:
     meta = json.loads((DEFAULT_BUNDLE / "configs" / "metadata.json").read_text())
     meta["cxr_ssl"] = {"classes": ["Effusion"], "image_size": image_size, "crop_size": crop_size,
                        "thresholds": {"Effusion": 0.5}, "stage": "benchmark"}
-    net = CXRDenseNet121(num_classes=1, probabilities=True).eval()
+    net = CXRDenseNet121(num_classes=1, probabilities="sigmoid").eval()
     save_net_with_metadata(torch.jit.script(net), str(path), meta_values=meta)
     return path
 

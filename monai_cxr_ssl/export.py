@@ -1,7 +1,7 @@
 """Export a trained model to TorchScript with the bundle's metadata embedded, ready for MONAI Deploy.
 
-The exported network ends with its probability layer (``CXRDenseNet121(probabilities=True)``: a sigmoid per class,
-or a softmax when the stage's ``exclusive_classes`` is true; no extra parameters), so the file returns what its
+The exported network ends with its probability layer (``CXRDenseNet121(probabilities=...)``: a sigmoid per class,
+or a softmax ...: the stage's ``probabilities`` setting; no extra parameters), so the file returns what its
 metadata promises: per-class probabilities of a ``(B, 1, crop, crop)`` image in [0, 1]; its
 ``pooled_features`` method gives the 1024-d features behind them. The bundle's ``metadata.json`` is specialised for
 the model (class names, crop size) and gets a ``cxr_ssl`` block with what a runtime needs beyond the network: the
@@ -37,6 +37,8 @@ from monai_cxr_ssl.checkpoints import read_state_dict
 from monai_cxr_ssl.data.readers import ImageReadError
 from monai_cxr_ssl.data.splits import load_split, subsample
 from monai_cxr_ssl.evaluation import youden_threshold
+from monai_cxr_ssl.probabilities import KINDS as PROBABILITY_KINDS
+from monai_cxr_ssl.probabilities import num_logits
 from monai_cxr_ssl.utils import read_json
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, make_workflow
 
@@ -44,7 +46,7 @@ __all__ = ["final_stage_dir", "stage_config", "config_value", "checkpoint_classe
            "checkpoint_thresholds", "model_metadata", "export_model"]
 
 NET_ID = "network_def"
-EXPORT_OVERRIDES = {f"{NET_ID}#probabilities": True, f"{NET_ID}#pretrained_weights": None}
+EXPORT_OVERRIDES = {f"{NET_ID}#probabilities": "@probabilities", f"{NET_ID}#pretrained_weights": None}
 VALIDATION_PREDICTIONS = "validation_predictions.npz"
 EMBEDDED_CONFIG = "inference.json"  # the bundle config a runtime needs, with this model's values
 OOD_MAX_IMAGES = 100  # per split part: each image is one forward pass; keeps export to minutes on a CPU
@@ -193,12 +195,12 @@ def checkpoint_thresholds(ckpt_path: str | os.PathLike, class_names: Sequence[st
     return _thresholds(stage, list(class_names), "youden")[0]
 
 
-def _network(num_classes: int, state: dict[str, torch.Tensor], ckpt: Path, exclusive_classes: bool = False,
+def _network(num_classes: int, state: dict[str, torch.Tensor], ckpt: Path, probabilities: str = "sigmoid",
              ) -> torch.nn.Module:
     """The bundle's network with the checkpoint's weights, in eval mode, ending with its probability layer."""
     from monai_cxr_ssl.networks import CXRDenseNet121
 
-    net = CXRDenseNet121(num_classes=num_classes, probabilities=True, exclusive_classes=exclusive_classes)
+    net = CXRDenseNet121(num_classes=num_logits(num_classes, probabilities), probabilities=probabilities)
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
@@ -291,9 +293,9 @@ def model_metadata(
         if num_classes != len(classes):
             raise ValueError(f"{stage_dir}: num_classes {num_classes} but {split_file} names {len(classes)}.")
     thresholds, threshold_source = _thresholds(stage_dir, classes, threshold)
-    exclusive = config_value(config, "exclusive_classes", source) if "exclusive_classes" in config else False
-    if not isinstance(exclusive, bool):
-        raise ValueError(f"{source}: exclusive_classes is {exclusive!r}, expected true or false.")
+    kind = config_value(config, "probabilities", source) if "probabilities" in config else "sigmoid"
+    if kind not in PROBABILITY_KINDS:
+        raise ValueError(f"{source}: probabilities is {kind!r}, expected one of {', '.join(PROBABILITY_KINDS)}.")
 
     meta = read_json(DEFAULT_BUNDLE / "configs" / "metadata.json", "bundle metadata", "reinstall monai-cxr-ssl")
     image = meta["network_data_format"]["inputs"]["image"]
@@ -301,8 +303,7 @@ def model_metadata(
     image["spatial_shape"] = [crop_size, crop_size]
     pred.update(num_channels=len(classes), spatial_shape=[len(classes)],
                 channel_def={str(k): name for k, name in enumerate(classes)})
-    meta["label_classes"] = ("softmax probabilities of mutually exclusive classes: " if exclusive
-                             else "one sigmoid probability per class: ") + ", ".join(classes)
+    meta["label_classes"] = f"{PROBABILITY_KINDS[kind]}: " + ", ".join(classes)
     meta["cxr_ssl"] = {
         "classes": classes,
         "image_size": image_size,
@@ -310,7 +311,7 @@ def model_metadata(
         "test_time_augmentation": "ten_crop",
         "thresholds": thresholds,
         "thresholds_source": threshold_source,
-        **({"exclusive_classes": True} if exclusive else {}),
+        "probabilities": kind,
         **(info or {}),
     }
     return meta
@@ -342,8 +343,7 @@ def export_model(
     meta = model_metadata(stage_dir, config, info, threshold, source)
     ckpt = stage_dir / "models" / "model.pt"
     info = meta["cxr_ssl"]
-    exclusive = info.get("exclusive_classes", False)
-    net = _network(len(info["classes"]), read_state_dict(ckpt), ckpt, exclusive)
+    net = _network(len(info["classes"]), read_state_dict(ckpt), ckpt, info["probabilities"])
     stats = None
     if ood_images:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -353,7 +353,7 @@ def export_model(
     inference = read_json(Path(bundle) / "configs" / EMBEDDED_CONFIG, "bundle inference config",
                           "reinstall monai-cxr-ssl")
     inference.update(num_classes=len(info["classes"]), image_size=info["image_size"], crop_size=info["crop_size"],
-                     class_names=info["classes"], exclusive_classes=exclusive)
+                     class_names=info["classes"], probabilities=info["probabilities"])
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:

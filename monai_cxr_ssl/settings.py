@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from monai_cxr_ssl import methods
+from monai_cxr_ssl.probabilities import KINDS as PROBABILITY_KINDS
 from monai_cxr_ssl.rules import BOOL, POSITIVE, PROBABILITY, Rule, at_least, choice, interval, rule, whole
 
 __all__ = ["MIN_CROP_SIZE", "RULES", "all_rules", "check_override_keys", "check_settings", "check_values",
@@ -56,6 +57,7 @@ RULES: dict[str, Rule] = {
     "unlabeled_source_column": rule(lambda v: isinstance(v, str) and v.strip() != "", "a CSV column name"),
     "eval_split": choice("labeled", "unlabeled", "validation", "test"),
     "max_unlabeled": whole(1, nullable=True),
+    "probabilities": choice(*PROBABILITY_KINDS),
     # AALS (``monai_cxr_ssl.sharpening``): the mean teacher's targets and the pseudo-labels' optional sharpening
     "aals_t": interval(0, 1, False, False),
     "aals_a0": at_least(1),

@@ -209,7 +209,7 @@ def test_verify_export_and_inference(workspace, resumed, tmp_path):
     export = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
          "--ckpt_file", str(ckpt), "--meta_file", str(meta), "--config_file", str(inference),
-         "--network_def#probabilities", "True"],  # the metadata promises probabilities: export with the sigmoid
+         "--network_def#probabilities", "@probabilities"],  # the metadata promises probabilities
         capture_output=True, text=True, timeout=300,
     )
     assert export.returncode == 0, export.stderr[-3000:]

@@ -35,7 +35,7 @@ def model(tmp_path_factory) -> tuple[Path, CXRDenseNet121]:
     """An exported-format classifier (random weights; what matters is that app and bundle agree) and its network."""
     torch.manual_seed(0)
     net = CXRDenseNet121(num_classes=len(CLASSES)).eval()
-    exported = CXRDenseNet121(num_classes=len(CLASSES), probabilities=True).eval()
+    exported = CXRDenseNet121(num_classes=len(CLASSES), probabilities="sigmoid").eval()
     exported.load_state_dict(net.state_dict())
     meta = json.loads((DEFAULT_BUNDLE / "configs" / "metadata.json").read_text())
     meta["cxr_ssl"] = {"classes": CLASSES, "image_size": IMAGE_SIZE, "crop_size": CROP_SIZE,

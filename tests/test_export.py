@@ -135,6 +135,41 @@ def test_recorded_expressions_are_never_evaluated(experiment, tmp_path, key):
     assert (tmp_path / "ok.ts").is_file() and not marker.exists()
 
 
+def test_the_method_s_probabilities_end_the_exported_network(experiment, tmp_path):
+    """A stage whose method declares K + 1 logits (``probabilities: softmax_drop_last``) exports a network that
+    returns the K class probabilities: the softmax over the checkpoint's logits without the generated class."""
+    from monai.data import load_net_with_metadata
+
+    from monai_cxr_ssl.export import export_model
+    from monai_cxr_ssl.networks import CXRDenseNet121
+
+    exp = _copy(experiment, tmp_path / "exp")
+    recorded = exp / "teacher" / "config_executed.json"
+    config = json.loads(recorded.read_text())
+    config["probabilities"] = "softmx"
+    recorded.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config_executed.json: probabilities is 'softmx', expected one of sigmoid, "
+                                         "softmax, softmax_drop_last"):
+        export_model(exp, tmp_path / "bad.ts", ood_images=0)
+
+    config["probabilities"] = "softmax_drop_last"
+    recorded.write_text(json.dumps(config))
+    torch.manual_seed(1)
+    net = CXRDenseNet121(num_classes=2).eval()  # the split's one class and the generated one
+    torch.save(net.state_dict(), exp / "teacher" / "models" / "model.pt")
+    meta = export_model(exp, tmp_path / "model.ts", ood_images=0)
+    assert meta["cxr_ssl"]["probabilities"] == "softmax_drop_last"
+    assert meta["label_classes"].startswith("softmax probabilities of mutually exclusive classes, the generated")
+    exported, _, _ = load_net_with_metadata(str(tmp_path / "model.ts"))
+    x = torch.rand(3, 1, CROP_SIZE, CROP_SIZE)
+    with torch.no_grad():
+        logits = net(x)
+        got = exported(x)
+    assert got.shape == (3, 1)  # one probability per class, none for the generated class
+    torch.testing.assert_close(got, torch.softmax(logits[:, :1], dim=1))
+    assert not torch.allclose(got, torch.sigmoid(logits[:, :1]))
+
+
 def test_not_a_checkpoint_gives_one_clear_line(experiment, tmp_path, capsys):
     from monai_cxr_ssl.cli import main
 

@@ -87,12 +87,23 @@ def _crops_by_hand(images: torch.Tensor) -> list[torch.Tensor]:
 def test_exclusive_classes_average_softmax_probabilities(net):
     images = torch.randn(2, 1, 12, 10)
     with torch.no_grad():
-        logits = TenCropInferer(crop_size=(8, 6), exclusive_classes=True)(images, net)
+        logits = TenCropInferer(crop_size=(8, 6), probabilities="softmax")(images, net)
         probs = [net(c).exp() / net(c).exp().sum(dim=1, keepdim=True) for c in _crops_by_hand(images)]
     expected = torch.stack(probs).mean(0)
     # the post-processing's softmax of the returned logits gives back the ten-crop mean softmax probability
     torch.testing.assert_close(torch.softmax(logits, dim=1), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(ten_crop_probabilities(images, net, (8, 6), exclusive_classes=True), expected,
+    torch.testing.assert_close(ten_crop_probabilities(images, net, (8, 6), probabilities="softmax"), expected,
                                atol=1e-6, rtol=0)
     sigmoid_mean = torch.stack([torch.sigmoid(net(c)) for c in _crops_by_hand(images)]).mean(0).detach()
     assert not torch.allclose(expected, sigmoid_mean, atol=1e-3)  # a different answer from the default
+
+
+def test_k_plus_1_logits_average_the_real_classes_softmax(net):
+    """The last logit is the generated class: each crop's probabilities are the softmax over the others."""
+    images = torch.randn(2, 1, 12, 10)
+    with torch.no_grad():
+        logits = TenCropInferer(crop_size=(8, 6), probabilities="softmax_drop_last")(images, net)
+        real = [net(c)[:, :-1] for c in _crops_by_hand(images)]
+        expected = torch.stack([r.exp() / r.exp().sum(dim=1, keepdim=True) for r in real]).mean(0)
+    assert logits.shape == (2, net(images[..., :8, :6]).shape[1])  # K + 1 again, for the post-processing
+    torch.testing.assert_close(torch.softmax(logits[:, :-1], dim=1), expected, atol=1e-6, rtol=0)

@@ -207,11 +207,10 @@ class CXRDenseNet121(DenseNet121):
             MONAI's ``pretrained=True`` (a download) is refused.
         encoder_init: path of a pre-training checkpoint whose encoder initialises the network (``load_encoder``),
             after the ImageNet weights; None for none.
-        probabilities: end with the probability layer (``monai_cxr_ssl.probabilities.probability_layer``: a sigmoid
-            per class, or a softmax), so the network returns per-class probabilities instead of logits. The layer
-            has no parameters: a checkpoint loads either way. Exported models use it, so that a deployed TorchScript
-            file gives what its metadata promises.
-        exclusive_classes: with ``probabilities``, a softmax over mutually exclusive classes instead of sigmoids.
+        probabilities: None for logits, or how logits become class probabilities (``"sigmoid"``, ``"softmax"`` ...:
+            ``monai_cxr_ssl.probabilities.KINDS``): the network ends with that probability layer and returns
+            per-class probabilities. The layer has no parameters: a checkpoint loads either way. Exported models use
+            it, so that a deployed TorchScript file gives what its metadata promises.
         kwargs: further :class:`monai.networks.nets.DenseNet` arguments, e.g. ``dropout_prob``.
     """
 
@@ -220,9 +219,8 @@ class CXRDenseNet121(DenseNet121):
         num_classes: int = 1,
         in_channels: int = 1,
         pretrained_weights: str | os.PathLike | None = None,
-        probabilities: bool = False,
+        probabilities: str | None = None,
         encoder_init: str | os.PathLike | None = None,
-        exclusive_classes: bool = False,
         **kwargs: Any,
     ) -> None:
         if kwargs.pop("pretrained", False):
@@ -235,9 +233,8 @@ class CXRDenseNet121(DenseNet121):
             load_imagenet_weights(self, pretrained_weights)
         if encoder_init is not None:
             load_encoder(self, encoder_init)
-        if probabilities:
-            self.class_layers.add_module("softmax" if exclusive_classes else "sigmoid",
-                                         probability_layer(exclusive_classes))
+        if probabilities is not None:
+            self.class_layers.add_module(probabilities, probability_layer(probabilities))
 
     @torch.jit.export
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ from monai.utils.enums import CommonKeys as Keys
 
 from monai_cxr_ssl.engines.semi_supervised import SemiSupervisedTrainer
 from monai_cxr_ssl.losses import BernoulliKLDivLoss
-from monai_cxr_ssl.probabilities import probabilities
+from monai_cxr_ssl.probabilities import check_kind
+from monai_cxr_ssl.probabilities import probabilities as class_probabilities
 from monai_cxr_ssl.sharpening import aals, check_aals_parameters, sharpening_strength
 
 __all__ = ["MeanTeacherEvaluator", "MeanTeacherTrainer", "check_ema_decay", "sigmoid_rampup", "teacher_ema"]
@@ -73,8 +74,8 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         aals_t, aals_a0: AALS centre and strength (``sharpening.aals``); ``aals_a0=1`` turns sharpening off.
         aals_per_image: one AALS strength per image (max over classes) instead of per class.
         consistency_loss: the distillation loss ``(student_logits, teacher_targets)``; default Bernoulli KL.
-        exclusive_classes: the teacher's probabilities are a softmax over the classes
-            (``monai_cxr_ssl.probabilities``); needs a ``consistency_loss`` for such targets.
+        probabilities: how the teacher's logits become its probabilities (``monai_cxr_ssl.probabilities.KINDS``);
+            another than ``"sigmoid"`` needs a ``consistency_loss`` for such targets.
         kwargs: the rest of ``SupervisedTrainer``'s arguments (``network``, ``optimizer``, ``loss_function`` for
             the labeled batch, ``train_data_loader``, ``epoch_length``, handlers ...).
 
@@ -93,7 +94,7 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         aals_a0: float = 4.0,
         aals_per_image: bool = False,
         consistency_loss: torch.nn.Module | None = None,
-        exclusive_classes: bool = False,
+        probabilities: str = "sigmoid",
         **kwargs: Any,
     ) -> None:
         check_aals_parameters(aals_t, aals_a0)
@@ -103,16 +104,16 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
             raise ValueError(f"rampup_epochs must be >= 0, got {rampup_epochs}.")
         if kwargs.get("accumulation_steps", 1) != 1:
             raise ValueError("MeanTeacherTrainer updates the teacher after every step; use accumulation_steps=1.")
-        if exclusive_classes and consistency_loss is None:
+        if check_kind(probabilities) != "sigmoid" and consistency_loss is None:
             raise ValueError("the default consistency loss (Bernoulli KL) is for independent classes; give a "
-                             "consistency_loss for exclusive_classes=True.")
+                             f"consistency_loss for probabilities={probabilities!r}.")
         super().__init__(unlabeled_data_loader=unlabeled_data_loader, joint_key=Keys.IMAGE, **kwargs)
         self.teacher_network = teacher_network
         self.consistency_weight = consistency_weight
         self.rampup_epochs = rampup_epochs
         self.aals_t, self.aals_a0, self.aals_per_image = aals_t, aals_a0, aals_per_image
         self.consistency_loss = BernoulliKLDivLoss() if consistency_loss is None else consistency_loss
-        self.exclusive_classes = exclusive_classes
+        self.probabilities = probabilities
         for p in self.teacher_network.parameters():
             p.requires_grad_(False)
 
@@ -141,7 +142,7 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         teacher's sharpened probabilities on its view of them."""
         with eval_mode(self.teacher_network):
             logits = engine.student_inferer(unlabeled.get(TEACHER_VIEW, unlabeled[Keys.IMAGE]), self.teacher_network)
-        targets, stats = self.sharpened_targets(probabilities(logits.float(), self.exclusive_classes),
+        targets, stats = self.sharpened_targets(class_probabilities(logits.float(), self.probabilities),
                                                 unlabeled.get(SHARPEN_MASK))
         consistency = self.consistency_loss(pred.float(), targets)
         weight = self.current_weight(engine)
