@@ -49,7 +49,7 @@ class GeneratedImages(Dataset):
 
 def pseudo_label_evaluator(args: argparse.Namespace, n: int, out_dir: Path, network: torch.nn.Module | None = None):
     """The pseudo-label stage's evaluator over ``n`` generated images, with its writer and filter handlers."""
-    parser = bundle_parser(args, "train.json", "evaluate.json", "pseudo_label.json")
+    parser = bundle_parser(args, "train.json", "predict.json", "pseudo_label.json")
     loader = DataLoader(GeneratedImages(n, args.image_size), batch_size=args.batch_size, num_workers=0)
     split = {
         "fingerprint": "bench",

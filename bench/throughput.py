@@ -163,7 +163,7 @@ def bench_mean_teacher(args: argparse.Namespace) -> dict:
 
 def bench_tta(args: argparse.Namespace) -> dict:
     loader = in_memory_loader(args, args.image_size)
-    parser = bundle_parser(args, "train.json", "evaluate.json")
+    parser = bundle_parser(args, "train.json", "predict.json", "evaluate.json")
     parser["validate#dataloader"] = loader
     parser["validate#handlers"] = []
     evaluator = parser.get_parsed_content("validate#evaluator")

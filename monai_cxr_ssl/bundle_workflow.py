@@ -8,10 +8,10 @@ Three things MONAI 1.6.1's checks do not handle, and this class does:
 
 - ``train#handlers`` entries that are references (``"@train#checkpoint"``): MONAI reads every handler as a dict
   when it looks for the ``ValidationHandler`` and fails with ``TypeError``; here the references are followed.
-- an evaluation workflow written as an overlay on ``train.json`` (``evaluate.json``, ``pseudo_label.json``): its
-  evaluator, dataset and inferer are the model-zoo ids ``validate#evaluator``, ``validate#dataset`` ...
-  rather than the top-level ``evaluator``, ``dataset`` ... of ``inference.json``; the inference properties are
-  looked up there when the config has no top-level ``evaluator``.
+- an evaluation workflow written as overlays on ``train.json`` (``predict.json`` with ``evaluate.json`` or
+  ``pseudo_label.json``): its evaluator, dataset and inferer are the model-zoo ids ``validate#evaluator``,
+  ``validate#dataset`` ... rather than the top-level ``evaluator``, ``dataset`` ... of ``inference.json``; the
+  inference properties are looked up there when the config has no top-level ``evaluator``.
 - a required property missing from an initialised workflow: MONAI's ``check_properties`` raises ``KeyError``
   instead of returning its name in the list it documents; here it is returned.
 """

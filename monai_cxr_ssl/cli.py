@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import shutil
 import sys
@@ -69,12 +70,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
               launch=_launch(args), **options)
 
 
-def cmd_aals_ablation(args: argparse.Namespace) -> None:
-    from monai_cxr_ssl.methods.mean_teacher.ablation import run_aals_ablation
+def cmd_method(run: str, args: argparse.Namespace) -> None:
+    """A method's own command (``methods.Command``): its ``run`` function, imported now."""
+    import importlib
 
-    values = {k: v for k, v in (("ts", args.t), ("a0s", args.a0)) if v is not None}
-    run_aals_ablation(args.configs, parse_overrides(args.set), grid=args.grid, bundle=args.bundle, echo=_echo,
-                      **values)
+    module, function = run.split(":")
+    getattr(importlib.import_module(module), function)(args, parse_overrides(args.set), _echo)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -280,18 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     _launch_arguments(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
-    ablation = sub.add_parser(
-        "aals-ablation",
-        help="mean teacher with each AALS centre t and strength a0 (the paper's Tables 2 and 3), one experiment",
-        description="Example: monai-cxr-ssl aals-ablation kermany cpu_small --set output_dir=runs/aals "
-        "labeled_fraction=0.05",
-    )
-    _config_arguments(ablation, "*", overlays_help, stage_help)
-    ablation.add_argument("--t", type=float, nargs="+", help="AALS centres t (default: the paper's 0.2 0.3 0.4 0.5)")
-    ablation.add_argument("--a0", type=float, nargs="+", help="AALS strengths a0 (default: the paper's 1 4 8 16)")
-    ablation.add_argument("--grid", action="store_true",
-                          help="every (t, a0) pair instead of each t at a0=4 and each a0 at t=0.4")
-    ablation.set_defaults(func=cmd_aals_ablation)
+    for command in (c for name in methods.names() for c in methods.get(name).commands):
+        own = sub.add_parser(command.name, help=command.help, description=command.description)
+        _config_arguments(own, "*", overlays_help, stage_help)
+        command.arguments(own)
+        own.set_defaults(func=functools.partial(cmd_method, command.run))
 
     compare = sub.add_parser(
         "compare",

@@ -180,7 +180,7 @@ class Pipeline:
         launched = [multi_gpu_config(self.bundle)] if self.launch is not None else []  # its settings are known
         plain = {step.config: make_workflow([step.config, *self.overlays, *launched], self.bundle).parser.get()
                  for step in self.steps}  # the stages' configs without the overrides, whose keys are checked
-        # a registered method's own setting (mean_teacher_epochs) is known even where this method has no such stage
+        # a registered method's own setting (its epochs) is known even where this method has no such stage
         check_override_keys(self.common, plain.values(), extra=methods.setting_rules(),
                             where="the overrides of every stage")
         read = [(step, read_ids(parser)) for step, parser in zip(self.steps, parsers, strict=True)

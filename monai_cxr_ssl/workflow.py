@@ -33,9 +33,10 @@ def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[s
     """Turn config names (``train``, ``evaluate``, ``student`` ...) and overlay paths into a list of files.
 
     A bare overlay name such as ``cpu_small`` is looked up in the repository's ``configs/`` folder. The files
-    come in the order base config, the stage's overlays (``evaluate.json``, ``student.json`` ...), then the user's
-    overlays: the last one wins, so a user's overlay sets a stage's settings (``student_epochs``) as ``--set``
-    does, and the defaults of a method's settings live in its own overlay, not in the base config.
+    come in the order base config, the stage's overlays (``predict.json`` and ``evaluate.json``, ``student.json``
+    ...), then the user's overlays: the last one wins, so a user's overlay sets a stage's settings
+    (``student_epochs``) as ``--set`` does, and the defaults of a method's settings live in its own overlay, not in
+    the base config.
     """
     bundle = Path(bundle)
     if not (bundle / "configs").is_dir():

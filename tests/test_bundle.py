@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cxr_classifier"
 CONFIGS = BUNDLE / "configs"
 SCHEMA = Path(__file__).resolve().parent / "data" / "mb_metadata_schema.json"
+EVALUATE = [CONFIGS / "train.json", CONFIGS / "predict.json", CONFIGS / "evaluate.json", REPO / "configs" / "demo.json"]
 TINY = {"image_size": 40, "crop_size": 32, "batch_size": 8, "labeled_fraction": 0.5, "num_workers": 0}
 
 
@@ -158,7 +159,7 @@ def test_evaluate_ten_crop_report(workspace, resumed):
     root, common = workspace
     out = root / "out"
     cmd = _bundle_cmd(
-        "run", [CONFIGS / "train.json", CONFIGS / "evaluate.json", REPO / "configs" / "demo.json"], **common
+        "run", EVALUATE, **common
     )
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -187,7 +188,7 @@ def test_evaluate_ten_crop_report(workspace, resumed):
 def test_evaluate_without_checkpoint_fails_clearly(workspace, tmp_path):
     root, common = workspace
     cmd = _bundle_cmd(
-        "run", [CONFIGS / "train.json", CONFIGS / "evaluate.json", REPO / "configs" / "demo.json"],
+        "run", EVALUATE,
         **dict(common, output_dir=tmp_path / "empty"),
     )
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)

@@ -57,7 +57,7 @@ def test_no_hand_kept_settings_dict():
     for path in CONFIGS.glob("*.json"):
         text = path.read_text()
         assert "hyperparameters" not in text and "experiment_param\": \"$dict(" not in text, path.name
-    assert "train#mlflow" in json.dumps(_chain(["train.json", "evaluate.json"])["validate"]["handlers"])
+    assert "train#mlflow" in json.dumps(_chain(["train.json", "predict.json", "evaluate.json"])["validate"]["handlers"])
 
 
 def test_plain_bundle_run_merges_overlays_like_monai_cxr_ssl(tmp_path):

@@ -15,10 +15,16 @@ import toy_rotation
 from conftest import PAUSE_AFTER_EPOCH_1, kill_tree, run_processes, wait_for_pause
 
 from monai_cxr_ssl import methods
-from monai_cxr_ssl.methods import TEACHER_STAGE, Method, StageKind, evaluation
+from monai_cxr_ssl.methods import TEACHER_STAGE, Command, Method, StageKind, evaluation
 
 TOY_COLUMN = "toy model"
 TOY_LR_DECAY = 0.5  # the overlay's one setting, to see that the toy stage, and only it, merged it
+COMMAND_CALLS: list[tuple] = []  # what the toy method's own CLI command was called with
+
+
+def _toy_command(args, overrides, echo) -> None:
+    COMMAND_CALLS.append((args.configs, overrides, args.word))
+    echo(f"toy command: {args.word}")
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +34,12 @@ def toy(tmp_path_factory):
     overlay.write_text(json.dumps({"stage": "toy", "init_stage": TEACHER_STAGE, "lr_decay": TOY_LR_DECAY}))
     kind = StageKind("toy", ("train.json", "finetune.json", str(overlay)), reads="init_stage",
                      epochs="finetune_epochs")
+    command = Command("toy-command", "the toy method's own command", "Example: monai-cxr-ssl toy-command demo",
+                      arguments=lambda parser: parser.add_argument("--word", default="hello"),
+                      run=f"{__name__}:_toy_command")
     method = Method("toy", "teacher → toy fine-tune", (kind,),
-                    steps=lambda rounds: [kind.step("toy", TEACHER_STAGE), evaluation("toy", kind, TOY_COLUMN)])
+                    steps=lambda rounds: [kind.step("toy", TEACHER_STAGE), evaluation("toy", kind, TOY_COLUMN)],
+                    commands=(command,))
     methods.register(method)
     toy_rotation.register()
     try:
@@ -99,6 +109,14 @@ def test_the_registry_lists_the_toy_method_while_it_is_registered(toy, capsys):
     assert parser.parse_args(["compare", "x", "--method", "toy"]).method == "toy"
     with pytest.raises(ValueError, match="'toy' is registered already"):
         methods.register(toy)
+
+    # the method's own command: in the CLI's help, run with its arguments and the --set overrides
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "toy-command" in capsys.readouterr().out
+    main(["toy-command", "demo", "--word", "hi", "--set", "seed=3"])
+    assert COMMAND_CALLS == [(["demo"], {"seed": 3}, "hi")] and "toy command: hi" in capsys.readouterr().out
 
 
 @pytest.mark.slow

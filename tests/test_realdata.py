@@ -25,7 +25,7 @@ def test_kermany_teacher_smoke(shared_data, tmp_path):
         "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--labeled_fraction", "0.02",
         "--image_size", "40", "--crop_size", "32", "--num_epochs", "1", "--num_workers", "0",
     ]
-    for configs in (["train.json"], ["train.json", "evaluate.json"]):
+    for configs in (["train.json"], ["train.json", "predict.json", "evaluate.json"]):
         files = [str(CONFIGS / c) for c in configs] + [str(REPO / "configs" / "kermany.json")]
         done = subprocess.run(
             [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files), *args],

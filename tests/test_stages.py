@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "cxr_classifier" / "configs"
 STAGES = {
     "teacher": ["train.json"],
-    "pseudo_label": ["train.json", "evaluate.json", "pseudo_label.json"],
+    "pseudo_label": ["train.json", "predict.json", "pseudo_label.json"],
     "student": ["train.json", "student.json"],
     "finetune": ["train.json", "finetune.json"],
-    "evaluate": ["train.json", "evaluate.json"],
+    "evaluate": ["train.json", "predict.json", "evaluate.json"],
 }
 
 

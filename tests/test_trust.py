@@ -327,3 +327,25 @@ def test_epoch_sampler_splits_one_sequence_over_the_ranks():
     assert first != sequence  # another epoch, another order
     assert list(EpochSampler(data, seed=3, num_replicas=1, rank=0)) != list(EpochSampler(data, seed=4, num_replicas=1,
                                                                                          rank=0))
+
+
+def test_a_loader_like_another_draws_the_same_way_over_other_images():
+    """The mean teacher's unlabeled loader is ``loader_like`` its labeled one: the same batch size, samples per epoch,
+    seed and rank, over its own images."""
+    from monai.data import DataLoader
+
+    from monai_cxr_ssl.data import EpochSampler, loader_like
+
+    labeled, unlabeled = list(range(10)), list(range(100, 107))
+    loader = DataLoader(labeled, batch_size=4, sampler=EpochSampler(labeled, num_samples=12, seed=3, num_replicas=2,
+                                                                    rank=1))
+    like = loader_like(loader, unlabeled)
+    expected = EpochSampler(unlabeled, num_samples=12, seed=3, num_replicas=2, rank=1)
+    for epoch in (1, 2):
+        like.sampler.set_epoch(epoch)
+        expected.set_epoch(epoch)
+        assert [b.tolist() for b in like] == [[unlabeled[i] for i in batch] for batch in
+                                              (list(expected)[:4], list(expected)[4:])]
+    assert like.batch_size == 4 and len(like.sampler) == 6 and like.dataset is unlabeled
+    with pytest.raises(TypeError, match="EpochSampler, not a SequentialSampler"):
+        loader_like(DataLoader(labeled, batch_size=4), unlabeled)

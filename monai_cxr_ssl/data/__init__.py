@@ -21,7 +21,7 @@ from monai_cxr_ssl.data.readers import (
     read_dicom_dataset,
     scan_images,
 )
-from monai_cxr_ssl.data.sampling import EpochSampler, epoch_seed, samples_per_epoch
+from monai_cxr_ssl.data.sampling import EpochSampler, epoch_seed, loader_like, samples_per_epoch
 from monai_cxr_ssl.data.splits import (
     check_num_classes,
     fingerprint,
@@ -59,6 +59,7 @@ __all__ = [
     "inference_datalist",
     "is_dicom",
     "load_split",
+    "loader_like",
     "load_unlabeled_source",
     "load_weak_labels",
     "make_split",

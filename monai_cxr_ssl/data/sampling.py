@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 
 import numpy as np
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from monai_cxr_ssl import distributed
 
-__all__ = ["EpochSampler", "epoch_seed", "samples_per_epoch"]
+__all__ = ["EpochSampler", "epoch_seed", "loader_like", "samples_per_epoch"]
 
 
 def epoch_seed(seed: int, epoch: int, *more: int) -> int:
@@ -84,3 +84,18 @@ class EpochSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def loader_like(loader: DataLoader, dataset: Dataset) -> DataLoader:
+    """A loader over ``dataset`` that draws as ``loader`` draws: its ``EpochSampler``'s samples per epoch, seed and
+    ranks, its batch size, workers and collation. A stage's second loader (the mean teacher's unlabeled images) is so
+    written once; MONAI's ``%`` macro cannot do it, as it copies a loader with its dataset reference resolved."""
+    sampler = loader.sampler
+    if not isinstance(sampler, EpochSampler):
+        raise TypeError(f"loader_like copies a loader that draws with an EpochSampler, not a {type(sampler).__name__}.")
+    return type(loader)(
+        dataset, batch_size=loader.batch_size, num_workers=loader.num_workers,
+        sampler=EpochSampler(dataset, sampler.total_size, sampler.seed, sampler.num_replicas, sampler.rank),
+        collate_fn=loader.collate_fn, worker_init_fn=loader.worker_init_fn, pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last, persistent_workers=loader.persistent_workers,
+    )

@@ -25,10 +25,11 @@ from typing import Any
 from monai_cxr_ssl.rules import Rule, whole
 
 __all__ = [
-    "DEFAULT_METHOD", "ENCODER_INIT", "EVALUATE", "LABEL_FREE_CONFIG", "Method", "Pretraining", "StageKind", "Step",
-    "TEACHER", "TEACHER_COLUMN", "TEACHER_STAGE", "belongs_to", "column_of", "column_order", "columns",
-    "epoch_settings", "evaluation", "get", "get_pretraining", "named_configs", "names", "plan", "pretraining_names",
-    "register", "setting_rules", "stage_kind", "stage_kinds", "teacher_steps", "unregister", "with_pretraining",
+    "Command", "DEFAULT_METHOD", "ENCODER_INIT", "EVALUATE", "LABEL_FREE_CONFIG", "Method", "Pretraining",
+    "StageKind", "Step", "TEACHER", "TEACHER_COLUMN", "TEACHER_STAGE", "belongs_to", "column_of", "column_order",
+    "columns", "epoch_settings", "evaluation", "get", "get_pretraining", "named_configs", "names", "plan",
+    "pretraining_names", "register", "setting_rules", "stage_kind", "stage_kinds", "teacher_steps", "unregister",
+    "with_pretraining",
 ]
 
 DEFAULT_METHOD = "teacher_student"
@@ -105,7 +106,27 @@ class StageKind:
 
 
 TEACHER = StageKind(TEACHER_STAGE, ("train.json",), config="train")
-EVALUATE = StageKind("evaluate", ("train.json", "evaluate.json"))
+EVALUATE = StageKind("evaluate", ("train.json", "predict.json", "evaluate.json"))
+
+
+@dataclass(frozen=True)
+class Command:
+    """A CLI command of a method, beside the pipeline's (``monai-cxr-ssl aals-ablation <configs> --set ...``).
+
+    Attributes:
+        name: the command's name.
+        help: one line for the CLI's help; ``description`` its longer text (an example).
+        arguments: adds the command's own options to its ``argparse`` parser (the configs, ``--set`` and
+            ``--bundle`` are every command's).
+        run: ``"module:function"``, imported when the command runs (the CLI's help imports neither torch nor
+            MONAI) and called with the parsed arguments, the ``--set`` overrides and the CLI's ``echo``.
+    """
+
+    name: str
+    help: str
+    description: str
+    arguments: Callable[[Any], None]
+    run: str
 
 
 @dataclass(frozen=True)
@@ -123,6 +144,7 @@ class Method:
             another method's stage; default: the columns of the evaluations in ``steps(1)``.
         column_order: a sort key among its columns, None for a column it does not rank (those follow every
             method's columns, by name); default: the order of the evaluations in ``steps(1)``.
+        commands: its own CLI commands (``Command``), such as the mean teacher's AALS ablation.
     """
 
     name: str
@@ -132,6 +154,7 @@ class Method:
     rounds: bool = False
     column_of: Callable[[str], str | None] | None = None
     column_order: Callable[[str], tuple | None] | None = None
+    commands: tuple[Command, ...] = ()
 
     @property
     def needs_unlabeled(self) -> bool:

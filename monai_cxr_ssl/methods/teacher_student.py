@@ -12,7 +12,7 @@ from monai_cxr_ssl.methods import TEACHER_STAGE, Method, StageKind, Step, evalua
 from monai_cxr_ssl.rules import BOOL, choice, interval
 
 # the balanced filter's settings (``handlers.BalancedFilter``; defaults in pseudo_label.json)
-PSEUDO_LABEL = StageKind("pseudo_label", ("train.json", "evaluate.json", "pseudo_label.json"), reads="teacher_stage",
+PSEUDO_LABEL = StageKind("pseudo_label", ("train.json", "predict.json", "pseudo_label.json"), reads="teacher_stage",
                          unlabeled=True, rules={
                              "keep_fraction": interval(0, 1, False, True),
                              "soft_labels": BOOL,

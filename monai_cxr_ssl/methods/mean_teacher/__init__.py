@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from monai_cxr_ssl.methods import TEACHER_STAGE, Method, StageKind, Step, evaluation, register
+from monai_cxr_ssl.methods import TEACHER_STAGE, Command, Method, StageKind, Step, evaluation, register
 from monai_cxr_ssl.rules import BOOL, NON_NEGATIVE, interval, whole
 
 MEAN_TEACHER = StageKind("mean_teacher", ("train.json", "mean_teacher.json"), reads="init_stage",
@@ -43,10 +43,27 @@ def column_of(stage: str) -> str | None:
     return stage if stage.startswith(MEAN_TEACHER.name) else None
 
 
+def _ablation_arguments(parser: Any) -> None:
+    parser.add_argument("--t", type=float, nargs="+", help="AALS centres t (default: the paper's 0.2 0.3 0.4 0.5)")
+    parser.add_argument("--a0", type=float, nargs="+", help="AALS strengths a0 (default: the paper's 1 4 8 16)")
+    parser.add_argument("--grid", action="store_true",
+                        help="every (t, a0) pair instead of each t at a0=4 and each a0 at t=0.4")
+
+
+ABLATION = Command(
+    name="aals-ablation",
+    help="mean teacher with each AALS centre t and strength a0 (the paper's Tables 2 and 3), one experiment",
+    description="Example: monai-cxr-ssl aals-ablation kermany cpu_small --set output_dir=runs/aals "
+    "labeled_fraction=0.05",
+    arguments=_ablation_arguments,
+    run="monai_cxr_ssl.methods.mean_teacher.ablation:run_command",
+)
+
 METHOD = register(Method(
     name="mean_teacher",
     help="teacher → mean-teacher distillation with AALS",
     kinds=(MEAN_TEACHER,),
     steps=lambda rounds: variant(MEAN_TEACHER.name, COLUMN),
     column_of=column_of,
+    commands=(ABLATION,),
 ))

@@ -59,6 +59,12 @@ def format_ablation(auroc: dict[str, float | None], pairs: Sequence[tuple[float,
     return "\n".join(lines) + "\n"
 
 
+def run_command(args: Any, overrides: dict[str, Any], echo: Callable[[str], None]) -> dict:
+    """``monai-cxr-ssl aals-ablation``: ``run_aals_ablation`` with the command's arguments."""
+    values = {k: v for k, v in (("ts", args.t), ("a0s", args.a0)) if v is not None}
+    return run_aals_ablation(args.configs, overrides, grid=args.grid, bundle=args.bundle, echo=echo, **values)
+
+
 def run_aals_ablation(
     overlays: Sequence[str],
     overrides: dict[str, Any],
