@@ -8,7 +8,12 @@
    vs a plain PyTorch loop doing the same work per iteration (teacher forward and AALS targets on the unlabeled
    batch, one student forward on labeled + unlabeled images, BCE + Bernoulli KL, step, EMA of parameters and
    float buffers), same networks and batches;
-4. data: the bundle's training pre-processing (decode, resize, augment) on the real Kermany JPEGs,
+4. SimCLR: the bundle's SimCLR stage step (MONAI's ``SupervisedTrainer`` with the two-view batch, the NT-Xent loss
+   and the per-epoch contrastive metrics) vs a plain PyTorch loop doing the same forward/backward (two views in
+   one forward, NT-Xent, step), same network and batches; and the loss alone at batch 256 (128-d projections):
+   ``losses.NTXentLoss`` against ``monai.losses.ContrastiveLoss`` at the same temperature, time and peak memory
+   (each in a fresh process: its peak resident memory over the process's before the loss);
+5. data: the bundle's training pre-processing (decode, resize, augment) on the real Kermany JPEGs,
    against the training throughput at the same size.
 
 Prints images/s and ratios; asserts nothing.  Example (CPU size of the real-data benchmarks):
@@ -46,13 +51,13 @@ def bundle_parser(args: argparse.Namespace, *configs: str) -> ConfigParser:
     return parser
 
 
-def in_memory_loader(args: argparse.Namespace, size: int, unlabeled: bool = False) -> DataLoader:
-    """Random images with labels, or (``unlabeled``) with a second view as ``image_teacher`` instead."""
+def in_memory_loader(args: argparse.Namespace, size: int, unlabeled: bool = False,
+                     view_key: str = "image_teacher") -> DataLoader:
+    """Random images with labels, or (``unlabeled``) with a second view as ``view_key`` instead."""
     g = torch.Generator().manual_seed(1 if unlabeled else 0)
     n = args.batch_size * args.iterations
     if unlabeled:
-        items = [{"image": torch.rand(1, size, size, generator=g), "image_teacher": torch.rand(1, size, size,
-                                                                                              generator=g)}
+        items = [{"image": torch.rand(1, size, size, generator=g), view_key: torch.rand(1, size, size, generator=g)}
                  for _ in range(n)]
     else:
         items = [{"image": torch.rand(1, size, size, generator=g), "label": torch.randint(0, 2, (1,)).float()}
@@ -182,6 +187,71 @@ def bench_tta(args: argparse.Namespace) -> dict:
     return pair_figures(n, plain_s, engine_s)
 
 
+def bench_simclr(args: argparse.Namespace) -> dict:
+    from monai_cxr_ssl.losses import NTXentLoss
+
+    loader = in_memory_loader(args, args.crop_size, unlabeled=True, view_key="image_2")
+    parser = bundle_parser(args, "train.json", "label_free.json", "simclr.json")
+    parser["network_def"] = {"_target_": "monai_cxr_ssl.networks.SimCLRNetwork"}  # no classes
+    parser["train#dataloader"] = loader
+    parser["train#handlers"] = []  # the trainer keeps its collapse warning
+    trainer = parser.get_parsed_content("train#trainer")
+    network, optimizer = (parser.get_parsed_content(k) for k in ("network", "optimizer"))
+    loss_fn = NTXentLoss(temperature=parser.get_parsed_content("temperature"), gather=False)
+
+    def plain():
+        network.train()
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)
+            z1, z2 = network(torch.cat([batch["image"], batch["image_2"]])).chunk(2)
+            loss_fn(z1, z2).backward()
+            optimizer.step()
+
+    n = len(loader.dataset)
+    plain_s, engine_s = timed_pair(plain, one_more_epoch(trainer), args.repeats)
+    print(f"simclr     plain PyTorch loop : {n / plain_s:8.1f} images/s (two views each)")
+    print(f"simclr     bundle trainer     : {n / engine_s:8.1f} images/s   engine/plain = {plain_s / engine_s:.3f}")
+    return pair_figures(n, plain_s, engine_s)
+
+
+_LOSS_RUN = """
+import json, resource, sys, time, torch
+from monai.losses import ContrastiveLoss
+from monai_cxr_ssl.losses import NTXentLoss
+batch, dim, tau, repeats, name = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+loss = NTXentLoss(temperature=tau, gather=False) if name == "ntxent" else ContrastiveLoss(temperature=tau)
+g = torch.Generator().manual_seed(0)
+z1, z2 = (torch.randn(batch, dim, generator=g).requires_grad_() for _ in range(2))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    value = loss(z1, z2)
+    value.backward()
+    times.append(time.perf_counter() - start)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"loss": float(value), "ms": 1000 * sorted(times)[len(times) // 2], "peak_mb": peak / 1024}))
+"""
+
+
+def bench_contrastive_loss(args: argparse.Namespace, batch: int = 256, dim: int = 128, tau: float = 0.1) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    figures = {}
+    for name in ("ntxent", "monai_contrastive"):
+        done = subprocess.run([sys.executable, "-c", _LOSS_RUN, str(batch), str(dim), str(tau), str(args.repeats),
+                               name], capture_output=True, text=True, check=True)
+        figures[name] = json.loads(done.stdout)
+        print(f"loss       {name:<19} : {figures[name]['ms']:8.1f} ms forward+backward, peak "
+              f"{figures[name]['peak_mb']:.1f} MB, loss {figures[name]['loss']:.6f} (batch {batch}, τ {tau})")
+    return {"batch": batch, "dim": dim, "temperature": tau,
+            **{f"{name}_{key}": round(value, 6 if key == "loss" else 1) for name, values in figures.items()
+               for key, value in values.items()},
+            "monai_over_ntxent_time": round(figures["monai_contrastive"]["ms"] / figures["ntxent"]["ms"], 2)}
+
+
 def bench_data(args: argparse.Namespace, train_rate: float) -> dict:
     files = sorted(KERMANY.glob("train/*/*.jpeg"))[: args.data_images]
     if not files:
@@ -220,7 +290,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, image {args.image_size}, crop {args.crop_size}, "
           f"batch {args.batch_size}")
     figures = {"training": bench_training(args), "ten-crop": bench_tta(args),
-               "mean-teacher": bench_mean_teacher(args)}
+               "mean-teacher": bench_mean_teacher(args), "simclr": bench_simclr(args),
+               "contrastive-loss": bench_contrastive_loss(args)}
     data = bench_data(args, figures["training"]["engine_images_per_s"])
     if data:
         figures["data"] = data

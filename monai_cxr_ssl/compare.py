@@ -24,7 +24,7 @@ import pandas as pd
 
 from monai_cxr_ssl import methods
 from monai_cxr_ssl.methods import column_of
-from monai_cxr_ssl.results import class_notes
+from monai_cxr_ssl.results import COLUMN_TAG, class_notes
 from monai_cxr_ssl.utils import atomic_write
 
 __all__ = ["column_of", "comparison_notes", "comparison_table", "evaluation_runs", "format_markdown", "mixed_runs",
@@ -62,11 +62,12 @@ def evaluation_runs(
     tracking_uri: str | None = None,
 ) -> pd.DataFrame:
     """The finished test evaluations of ``experiment_names`` as a DataFrame (``mlflow.search_runs`` columns plus
-    ``stage``, ``column``, ``labeled_fraction``, ``seed``), newest per (stage, λ, seed, dataset) only.
+    ``stage``, ``column``, ``labeled_fraction``, ``seed``), newest per (column, λ, seed, dataset) only.
 
     ``filters`` maps MLflow keys (``params.image_size``, ``tags.team``; a bare name means a param) to values;
     ``method`` keeps the stages of one method (``methods.names()``; the teacher is every method's). A stage's
-    column is ``methods.column_of``'s.
+    column is the one its pipeline tagged it with (``results.COLUMN_TAG``: ``simclr + teacher`` after a
+    pre-training), else ``methods.column_of``'s.
     """
     if method is not None:
         methods.get(method)  # an unknown method is an error naming the registered ones
@@ -92,10 +93,13 @@ def evaluation_runs(
     if method is not None:
         runs = runs[runs["stage"].map(lambda s: methods.belongs_to(method, str(s)))]
     runs["column"] = runs["stage"].map(column_of)
+    if f"tags.{COLUMN_TAG}" in runs:  # a pipeline's column, such as a pre-trained model's (simclr + teacher)
+        tagged = runs[f"tags.{COLUMN_TAG}"]
+        runs["column"] = tagged.where(tagged.notna(), runs["column"])
     runs["labeled_fraction"] = runs["params.labeled_fraction"].astype(float)
     runs["seed"] = runs["params.seed"].astype(int)
     runs["dataset"] = runs["params.dataset_fingerprint"] if "params.dataset_fingerprint" in runs else ""
-    return runs.drop_duplicates(["stage", "labeled_fraction", "seed", "dataset"], keep="first")
+    return runs.drop_duplicates(["column", "labeled_fraction", "seed", "dataset"], keep="first")
 
 
 def comparison_table(runs: pd.DataFrame) -> list[dict]:

@@ -34,7 +34,7 @@ from monai_cxr_ssl.config_items import read_ids, used_config, uses
 from monai_cxr_ssl.launch import Launch, launch_workflow, multi_gpu_config
 from monai_cxr_ssl.locking import output_lock
 from monai_cxr_ssl.methods import Step, evaluation, plan, teacher_steps
-from monai_cxr_ssl.results import coverage, format_table1, table1, table1_notes
+from monai_cxr_ssl.results import COLUMN_TAG, coverage, format_table1, table1, table1_notes
 from monai_cxr_ssl.settings import check_override_keys, check_settings
 from monai_cxr_ssl.tracking import TrackedRun, experiment_id, pending_file_of, recorded_run, tracking_client
 from monai_cxr_ssl.utils import atomic_write, read_json, write_json
@@ -313,6 +313,8 @@ class Pipeline:
                 self.echo(f"{label}: the MLflow store is unreachable; its tracking calls stay in {run.pending_file}")
             try:
                 client.set_tag(done["run_id"], MLFLOW_PARENT_RUN_ID, parent)
+                if step.column:
+                    client.set_tag(done["run_id"], COLUMN_TAG, step.column)
             except mlflow.exceptions.MlflowException:
                 self.echo(f"{label}: its MLflow run {done['run_id']} is no longer in the store")
             return done
@@ -348,6 +350,10 @@ class Pipeline:
             metrics = read_json(stage_dir / f"{split}_metrics.json", "evaluation report", "re-run the evaluation")
             record["mean_auroc"] = metrics["mean_auroc"]
             record["test_classes"] = coverage(metrics)
+            try:  # compare reads the column there: the stage name alone does not tell a pre-trained model's
+                client.set_tag(record["run_id"], COLUMN_TAG, step.column)
+            except mlflow.exceptions.MlflowException as err:
+                self.echo(f"{label}: could not tag its MLflow run with its column {step.column!r} ({err})")
         write_json(done_file, record)
         started_file.unlink()
         return record

@@ -13,6 +13,7 @@ import numpy as np
 from monai_cxr_ssl import methods
 
 FEW_POSITIVES = 10  # a test AUROC resting on fewer positive images is flagged under the table
+COLUMN_TAG = "table1_column"  # the MLflow tag of an evaluation run: its pipeline's column (``simclr + teacher``)
 
 
 def columns(rounds: int = 1, method: str | None = None) -> list[str]:

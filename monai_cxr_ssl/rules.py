@@ -11,7 +11,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BOOL", "NON_NEGATIVE", "POSITIVE", "PROBABILITY", "Rule", "at_least", "choice", "interval", "rule", "whole"]
+__all__ = ["BOOL", "NON_NEGATIVE", "POSITIVE", "PROBABILITY", "Rule", "at_least", "choice", "interval", "pair", "rule",
+           "whole"]
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -45,6 +46,12 @@ def whole(minimum: int, nullable: bool = False) -> Rule:
 def at_least(minimum: float) -> Rule:
     """A finite number of at least ``minimum``."""
     return rule(lambda v: _number(v) and v >= minimum, f"a number >= {minimum:g}")
+
+
+def pair(low: float, high: float) -> Rule:
+    """A range ``[a, b]``: two numbers with ``low < a <= b <= high``."""
+    return rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(x) for x in v)
+                and low < v[0] <= v[1] <= high, f"a range [a, b] with {low:g} < a <= b <= {high:g}")
 
 
 def choice(*options: Any) -> Rule:

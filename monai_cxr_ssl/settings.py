@@ -57,6 +57,7 @@ RULES: dict[str, Rule] = {
     "unlabeled_source_column": rule(lambda v: isinstance(v, str) and v.strip() != "", "a CSV column name"),
     "eval_split": choice("labeled", "unlabeled", "validation", "test"),
     "max_unlabeled": whole(1, nullable=True),
+    "use_labeled_images": BOOL,  # a stage without labels (label_free.json) learns from the labeled images too
     "probabilities": choice(*PROBABILITY_KINDS),
     # AALS (``monai_cxr_ssl.sharpening``): the mean teacher's targets and the pseudo-labels' optional sharpening
     "aals_t": interval(0, 1, False, False),

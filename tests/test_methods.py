@@ -101,7 +101,8 @@ def test_the_registry_lists_the_toy_method_while_it_is_registered(toy, capsys):
     assert "toy: teacher → toy fine-tune" in pipeline_help
     assert "toy_rotation: predicts each image's rotation (a test's toy)" in pipeline_help
     kinds = pipeline_help.split("kinds: ", 1)[1].split(")", 1)[0].split(", ")
-    assert kinds[0] == "toy_rotation" and kinds[1] == "teacher" and kinds[-1] == "evaluate"  # the order of a run
+    # the order of a run: the pre-training stages, the teacher, the methods' stages, the evaluation
+    assert kinds.index("toy_rotation") < kinds.index("teacher") < kinds.index("toy") and kinds[-1] == "evaluate"
     assert {"toy", "student", "mean_teacher"} <= set(kinds)
     parser = build_parser()
     with pytest.raises(SystemExit):
@@ -133,15 +134,16 @@ def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy
         "toy_rotation: running", "teacher: running", "teacher/evaluate: running", "toy: running",
         "toy/evaluate: running"]
     assert (results["method"], results["pretrain"]) == ("toy", "toy_rotation")
-    assert list(results["auroc"]) == ["teacher", TOY_COLUMN]
-    for column, stage in (("teacher", "teacher"), (TOY_COLUMN, "toy")):  # the evaluation reports behind them
+    teacher_column, toy_column = "toy_rotation + teacher", f"toy_rotation + {TOY_COLUMN}"  # after the pre-training
+    assert list(results["auroc"]) == [teacher_column, toy_column]
+    for column, stage in ((teacher_column, "teacher"), (toy_column, "toy")):  # the evaluation reports behind them
         report = json.loads((out / stage / "test_metrics.json").read_text())
         assert results["auroc"][column] == report["mean_auroc"]
     toy_config = json.loads((out / "toy" / "config_executed.json").read_text())
     teacher_config = json.loads((out / "teacher" / "config_executed.json").read_text())
     assert toy_config["lr_decay"] == TOY_LR_DECAY and teacher_config["lr_decay"] != TOY_LR_DECAY
     assert json.loads((out / "toy" / ".toy.done.json").read_text())["inputs"].keys() == {"teacher"}
-    assert (out / "table1.md").read_text().splitlines()[0] == f"| labeled | seeds | teacher | {TOY_COLUMN} |"
+    assert (out / "table1.md").read_text().splitlines()[0] == f"| labeled | seeds | {teacher_column} | {toy_column} |"
 
     # the label-free stage learnt the rotations from the labeled and unlabeled images, validated nothing and saved
     # its last epoch's model as models/model.pt; that checkpoint initialised the teacher's encoder
@@ -167,15 +169,15 @@ def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy
 
     # compare reads the real MLflow runs: the toy stage's evaluation is the toy method's column
     runs = evaluation_runs(["methods"], tracking_uri=settings["tracking_uri"])
-    assert dict(zip(runs["stage"], runs["column"], strict=True)) == {"teacher": "teacher", "toy": TOY_COLUMN}
+    assert dict(zip(runs["stage"], runs["column"], strict=True)) == {"teacher": teacher_column, "toy": toy_column}
     compared = run_compare(["methods"], tmp_path / "compare", method="toy", tracking_uri=settings["tracking_uri"],
                            log_summary=False)
     (row,) = compared["rows"]
-    assert list(row) == ["labeled_fraction", "teacher", TOY_COLUMN]
-    assert row[TOY_COLUMN]["mean"] == pytest.approx(results["auroc"][TOY_COLUMN]) and row[TOY_COLUMN]["n"] == 1
+    assert list(row) == ["labeled_fraction", teacher_column, toy_column]
+    assert row[toy_column]["mean"] == pytest.approx(results["auroc"][toy_column]) and row[toy_column]["n"] == 1
     other = run_compare(["methods"], tmp_path / "other", method=methods.DEFAULT_METHOD,
                         tracking_uri=settings["tracking_uri"], log_summary=False)
-    assert list(other["rows"][0]) == ["labeled_fraction", "teacher"]  # the toy stage is no other method's
+    assert list(other["rows"][0]) == ["labeled_fraction", teacher_column]  # the toy stage is no other method's
     tags = mlflow.MlflowClient(tracking_uri=settings["tracking_uri"]).get_run(results["run_id"]).data.tags
     assert (tags["method"], tags["pretrain"]) == ("toy", "toy_rotation")
 
@@ -192,8 +194,8 @@ def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy
 
 
 def test_unknown_pretraining_names_the_registered_ones(toy):
-    with pytest.raises(ValueError, match=r"pretrain must be one of \['toy_rotation'\], got 'simclr'"):
-        methods.plan(method="toy", pretrain="simclr")
+    with pytest.raises(ValueError, match=r"pretrain must be one of \['simclr', 'toy_rotation'\], got 'byol'"):
+        methods.plan(method="toy", pretrain="byol")
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SKIPPED = ("make ", "pip ", "python3 -m venv")  # installing, and the two make targets
 YOUR_DATA = re.compile(r"^(\w+)=\S+\s+# <- YOUR DATA")
 TINY = ["image_size=40", "crop_size=32", "num_epochs=1", "student_epochs=1", "finetune_epochs=1",
-        "mean_teacher_epochs=1", "batch_size=8", "num_workers=0"]
+        "mean_teacher_epochs=1", "simclr_epochs=1", "batch_size=8", "num_workers=0"]
 
 
 def readme_commands(text: str) -> list[str]:
@@ -41,7 +41,7 @@ def tiny(command: str) -> str:
         return f"{command} {' '.join(TINY)}"
     if command.startswith("python -m monai.bundle run"):
         return command + "".join(f" --{s.replace('=', ' ')}" for s in TINY if not s.startswith(("student", "fine",
-                                                                                                  "mean")))
+                                                                                                  "mean", "simclr")))
     return command
 
 
@@ -91,8 +91,9 @@ def test_readme_commands_run_as_written(tmp_path):
         if said.startswith("monai-cxr-ssl"):
             assert "Not all config files are in" not in said and "Current stack size" not in said, said[:3000]
     for path in ("eval/teacher/models/model.pt", "runs/ts_l5/table1.md", "runs/mt_l5/table1.md",
-                 "runs/mt_own/table1.md", "runs/sweep/table1.md", "runs/sweep/mlflow.db",
-                 "runs/compare/comparison.csv", "model.ts", "runs/deploy/result.json"):
+                 "runs/mt_own/table1.md", "runs/simclr_l5/simclr/models/model.pt", "runs/simclr_l5/table1.md",
+                 "runs/sweep/table1.md", "runs/sweep/mlflow.db", "runs/compare/comparison.csv", "model.ts",
+                 "runs/deploy/result.json"):
         assert (workdir / path).is_file(), (path, done.stdout[-3000:])
     assert not (workdir / "mlflow.db").exists()  # every store is in its run's folder
     assert "| 10% |" in (workdir / "runs" / "compare" / "comparison.md").read_text()

@@ -539,9 +539,9 @@ def subsample(items: Sequence[dict], limit: int | None, seed: int = 0) -> list[d
     return [items[i] for i in keep]
 
 
-def training_images(split: dict, max_unlabeled: int | None = None, seed: int = 0) -> list[dict]:
-    """The images a stage without labels (a self-supervised pre-training) learns from: the labeled split's and the
-    unlabeled split's (capped at ``max_unlabeled``, ``subsample``), without their labels. The validation and test
-    images stay out, as for every other stage."""
-    items = [*split["labeled"], *subsample(split["unlabeled"], max_unlabeled, seed)]
+def training_images(split: dict, max_unlabeled: int | None = None, seed: int = 0, labeled: bool = True) -> list[dict]:
+    """The images a stage without labels (a self-supervised pre-training) learns from: the unlabeled split's (capped
+    at ``max_unlabeled``, ``subsample``) and, with ``labeled``, the labeled split's, without their labels. The
+    validation and test images stay out, as for every other stage."""
+    items = [*(split["labeled"] if labeled else []), *subsample(split["unlabeled"], max_unlabeled, seed)]
     return [{key: value for key, value in item.items() if key != "label"} for item in items]

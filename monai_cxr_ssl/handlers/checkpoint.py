@@ -174,7 +174,8 @@ class FinalModel:
 
     def _save(self, engine: Engine) -> None:
         self.checkpoint(engine)
-        logger.info("%s: the model after epoch %d (the last).", self.path, engine.state.epoch)
+        if distributed.is_main_process():
+            logger.info("%s: the model after epoch %d (the last).", self.path, engine.state.epoch)
 
 
 class ResumableCheckpoint:

@@ -27,15 +27,16 @@ from monai_cxr_ssl.rules import Rule, whole
 __all__ = [
     "Command", "DEFAULT_METHOD", "ENCODER_INIT", "EVALUATE", "LABEL_FREE_CONFIG", "Method", "Pretraining",
     "StageKind", "Step", "TEACHER", "TEACHER_COLUMN", "TEACHER_STAGE", "belongs_to", "column_of", "column_order",
-    "columns", "epoch_settings", "evaluation", "get", "get_pretraining", "named_configs", "names", "plan",
-    "pretraining_names", "register", "setting_rules", "stage_kind", "stage_kinds", "teacher_steps", "unregister",
-    "with_pretraining",
+    "composed_column", "columns", "epoch_settings", "evaluation", "get", "get_pretraining", "named_configs", "names",
+    "plan", "pretraining_names", "register", "setting_rules", "stage_kind", "stage_kinds", "teacher_steps",
+    "unregister", "with_pretraining",
 ]
 
 DEFAULT_METHOD = "teacher_student"
 TEACHER_STAGE = "teacher"  # the stage folder of the supervised teacher every method starts from
 TEACHER_COLUMN = "teacher"
 ENCODER_INIT = "encoder_init"  # train.json's id: a checkpoint whose encoder initialises the network
+_COMPOSED = " + "  # joins a pre-training and a model in a Table I column (``composed_column``)
 LABEL_FREE_CONFIG = "label_free.json"  # the overlay of every stage kind without labels (``StageKind.labels``)
 # Named configs of the bundle that are no stage of the pipeline.
 _OTHER_CONFIGS = {"inference": ("inference.json",)}
@@ -305,9 +306,15 @@ def teacher_steps() -> list[Step]:
     return [TEACHER.step(), evaluation(TEACHER_STAGE, TEACHER, TEACHER_COLUMN)]
 
 
+def composed_column(pretrain: str, column: str) -> str:
+    """The Table I column of ``column``'s model in a pipeline that ran the pre-training ``pretrain`` first."""
+    return f"{pretrain}{_COMPOSED}{column}"
+
+
 def with_pretraining(steps: list[Step], pretrain: str | None) -> list[Step]:
-    """``steps`` with the pre-training stage ``pretrain`` first and the teacher's encoder initialised from its
-    checkpoint (``encoder_init``); ``steps`` unchanged when ``pretrain`` is None."""
+    """``steps`` with the pre-training stage ``pretrain`` first, the teacher's encoder initialised from its
+    checkpoint (``encoder_init``) and every evaluation's column composed (``simclr + teacher``); ``steps``
+    unchanged when ``pretrain`` is None."""
     if pretrain is None:
         return list(steps)
     entry = get_pretraining(pretrain)
@@ -320,6 +327,7 @@ def with_pretraining(steps: list[Step], pretrain: str | None) -> list[Step]:
     teacher = steps[teachers[0]]
     steps[teachers[0]] = dataclasses.replace(teacher, inputs=(*teacher.inputs, first.stage),
                                              settings={**teacher.settings, ENCODER_INIT: checkpoint})
+    steps = [dataclasses.replace(s, column=composed_column(pretrain, s.column)) if s.column else s for s in steps]
     return [first, *steps]
 
 
@@ -361,16 +369,18 @@ def belongs_to(method: str, stage: str) -> bool:
 
 def column_order(column: str) -> tuple:
     """Table I's sort key of a column: the teacher, then each method's columns in the order the methods were
-    registered (and each orders its own), then other columns by name."""
-    if column == TEACHER_COLUMN:
-        return (0, (), column)
+    registered (and each orders its own), then other columns by name; a composed column (``simclr + teacher``)
+    follows its model's plain one."""
+    pretrain, _, model = column.rpartition(_COMPOSED)
+    if column == TEACHER_COLUMN or model == TEACHER_COLUMN:
+        return (0, (), pretrain, column)
     for i, method in enumerate(_METHODS.values(), 1):
-        rank = method.order_of(column)
+        rank = method.order_of(model)
         if rank is not None:
-            return (i, rank, column)
-    return (len(_METHODS) + 1, (), column)
+            return (i, rank, pretrain, column)
+    return (len(_METHODS) + 1, (), pretrain, column)
 
 
 # The methods shipped with the package register themselves on import, in this order: Table I's column order.
-for _module in ("teacher_student", "mean_teacher"):
+for _module in ("teacher_student", "mean_teacher", "simclr"):
     importlib.import_module(f"{__name__}.{_module}")
