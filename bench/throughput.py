@@ -12,7 +12,8 @@
    and the per-epoch contrastive metrics) vs a plain PyTorch loop doing the same forward/backward (two views in
    one forward, NT-Xent, step), same network and batches; and the loss alone at batch 256 (128-d projections):
    ``losses.NTXentLoss`` against ``monai.losses.ContrastiveLoss`` at the same temperature, time and peak memory
-   (each in a fresh process: its peak resident memory over the process's before the loss);
+   (each in a fresh process: its peak resident memory above what it held before the loss, Linux's VmHWM after
+   resetting it);
 5. data: the bundle's training pre-processing (decode, resize, augment) on the real Kermany JPEGs,
    against the training throughput at the same size.
 
@@ -215,22 +216,29 @@ def bench_simclr(args: argparse.Namespace) -> dict:
 
 
 _LOSS_RUN = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from monai.losses import ContrastiveLoss
 from monai_cxr_ssl.losses import NTXentLoss
+
+
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
+
 batch, dim, tau, repeats, name = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 loss = NTXentLoss(temperature=tau, gather=False) if name == "ntxent" else ContrastiveLoss(temperature=tau)
 g = torch.Generator().manual_seed(0)
 z1, z2 = (torch.randn(batch, dim, generator=g).requires_grad_() for _ in range(2))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # Linux: the peak resident size starts again from now
+before = kib("VmRSS:")
 times = []
 for _ in range(repeats):
     start = time.perf_counter()
     value = loss(z1, z2)
     value.backward()
     times.append(time.perf_counter() - start)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-print(json.dumps({"loss": float(value), "ms": 1000 * sorted(times)[len(times) // 2], "peak_mb": peak / 1024}))
+peak = kib("VmHWM:") - before
+print(json.dumps({"loss": float(value.detach()), "ms": 1000 * sorted(times)[len(times) // 2], "peak_mb": peak / 1024}))
 """
 
 

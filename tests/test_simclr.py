@@ -232,3 +232,25 @@ def test_a_pre_trained_pipeline_s_columns_are_composed_and_follow_their_models()
     mixed = ["simclr + student", "student", "simclr + teacher", "intermediate", "teacher", "simclr + intermediate"]
     assert sorted(mixed, key=methods.column_order) == [
         "teacher", "simclr + teacher", "intermediate", "simclr + intermediate", "student", "simclr + student"]
+
+
+@pytest.mark.slow
+def test_plain_monai_bundle_runs_the_stage_and_the_help_lists_it(data, tmp_path, capsys):
+    from monai_cxr_ssl.cli import main
+    from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, OVERLAYS_DIR
+
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--help"])
+    assert "simclr: SimCLR: contrastive pre-training" in " ".join(capsys.readouterr().out.split())
+
+    configs = Path(DEFAULT_BUNDLE) / "configs"
+    files = [str(configs / f) for f in ("train.json", "label_free.json", "simclr.json")] + [str(OVERLAYS_DIR /
+                                                                                           "demo.json")]
+    settings = {**_settings(data, tmp_path / "out"), "num_epochs": 1, "simclr_epochs": 1, "bundle_root":
+                str(DEFAULT_BUNDLE)}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
+           *(arg for k, v in settings.items() for arg in (f"--{k}", str(v)))]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = torch.load(tmp_path / "out" / "simclr" / "models" / "model.pt", weights_only=True)
+    assert "projection.2.weight" in model and "features.conv0.weight" in model

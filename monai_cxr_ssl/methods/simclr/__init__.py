@@ -5,7 +5,7 @@ teacher then starts from the encoder (``pretrain=simclr``).
 Here: the stage kind (without labels: the bundle's shared ``label_free.json``) and its settings' checks; defaults in
 the bundle's ``configs/simclr.json``; the step on MONAI's ``SupervisedTrainer`` and the contrastive metrics in
 ``engine``; the network in ``monai_cxr_ssl.networks.SimCLRNetwork``; the loss ``monai_cxr_ssl.losses.NTXentLoss``
-(shared: the S²MTS² pre-training uses it too)."""
+(with the other losses: the tests check it against methods.md's known answers)."""
 
 from __future__ import annotations
 
