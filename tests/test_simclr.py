@@ -51,7 +51,7 @@ def test_the_loss_of_the_trainer_s_batch_is_nt_xent_of_its_two_halves():
     assert loss.item() == pytest.approx(0.347211, abs=1e-5)  # methods.md, case A at τ = 0.1
 
 
-def test_the_network_s_encoder_is_the_classifier_s():
+def test_the_network_s_encoder_is_the_classifier_s(tmp_path):
     from monai_cxr_ssl.networks import CXRDenseNet121, SimCLRNetwork, load_encoder
 
     torch.manual_seed(0)
@@ -66,12 +66,8 @@ def test_the_network_s_encoder_is_the_classifier_s():
     with torch.no_grad():
         torch.testing.assert_close(net(x), net.projection(net.pooled_features(x)))
     assert net(x).shape == (2, 128)
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"simclr_{os.getpid()}.pt"
-    torch.save(net.state_dict(), path)
-    try:
-        load_encoder(classifier, path)
-    finally:
-        path.unlink()
+    torch.save(net.state_dict(), tmp_path / "simclr.pt")
+    load_encoder(classifier, tmp_path / "simclr.pt")
     for key in features:
         torch.testing.assert_close(classifier.state_dict()[key], net.state_dict()[key], rtol=0, atol=0)
 

@@ -156,7 +156,8 @@ class FinalModel:
     ``BestCheckpoint``'s file: the model of a stage without a validation metric (a label-free pre-training).
 
     Attach it to the trainer. A file left by an earlier run is removed when training starts, so that the file
-    exists only once a run has completed (a resumed run that had finished writes it again).
+    exists only once a run has completed (a resumed run that had finished writes it again). MONAI's
+    ``CheckpointSaver(save_final=True)`` also saves when an exception is raised, leaving a model of a failed run.
     """
 
     def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt") -> None:
