@@ -76,7 +76,16 @@ def read_provenance(models_dir: str | os.PathLike) -> dict | None:
     path = Path(models_dir) / PROVENANCE_FILE
     if not path.is_file():
         return None
-    return read_json(path, "checkpoint provenance record", "delete the stage folder and re-run the stage")
+    remedy = "delete the stage folder and re-run the stage"
+    record = read_json(path, "checkpoint provenance record", remedy)
+    shape = {"split_fingerprint": (str, type(None)), "settings": (dict, type(None))}
+    wrong = ([f"{type(record).__name__}, not an object"] if not isinstance(record, dict) else
+             [f"its {key} is a {type(record.get(key)).__name__}" for key, types in shape.items()
+              if not isinstance(record.get(key), types)])
+    if wrong:
+        raise ValueError(f"{path}: a damaged checkpoint provenance record ({wrong[0]}; this package writes "
+                         "{\"split_fingerprint\": ..., \"settings\": {...}}); " + remedy + ".")
+    return record
 
 
 def changed_settings(old: dict, new: dict) -> list[str]:

@@ -25,7 +25,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"override {pair!r} is not of the form key=value (e.g. labeled_fraction=0.05)")
+            raise ValueError(f"{pair!r} is not of the form key=value (e.g. labeled_fraction=0.05).")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -107,14 +107,15 @@ def _threshold(text: str) -> float | str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from monai_cxr_ssl.export import export_model
+    from monai_cxr_ssl.export import export_model, output_file
 
     ood = {} if args.ood_images is None else {"ood_images": args.ood_images}
-    meta = export_model(args.path, args.output, args.threshold, args.configs, parse_overrides(args.set), args.bundle,
+    output = output_file(args.output)
+    meta = export_model(args.path, output, args.threshold, args.configs, parse_overrides(args.set), args.bundle,
                         **ood)
     info = meta["cxr_ssl"]
     thresholds = ", ".join(f"{name} {value:.3f}" for name, value in info["thresholds"].items())
-    _echo(f"exported stage {info['stage']} ({info.get('method', 'method not recorded')}) to {Path(args.output)}")
+    _echo(f"exported stage {info['stage']} ({info.get('method', 'method not recorded')}) to {output}")
     _echo(f"  input 1x{info['crop_size']}x{info['crop_size']} in [0, 1] after resizing to {info['image_size']}, "
           f"ten crops; output: probabilities of {', '.join(info['classes'])}")
     _echo(f"  thresholds ({info['thresholds_source']}): {thresholds}")
@@ -189,12 +190,9 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
 def _launch(args: argparse.Namespace) -> Launch | None:
     if args.nproc_per_node is None:
         if args.nnodes != 1 or args.rdzv_endpoint:
-            raise SystemExit("--nnodes and --rdzv-endpoint need --nproc-per-node N (processes per machine)")
+            raise ValueError("--nnodes and --rdzv-endpoint need --nproc-per-node N (processes per machine).")
         return None
-    try:
-        return Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
-    except ValueError as err:
-        raise SystemExit(f"monai-cxr-ssl: error: {err}") from None
+    return Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment folder without results.json exports its single trained stage.",
     )
     export.add_argument("path", help="pipeline output folder (results.json) or stage folder (config_executed.json)")
-    export.add_argument("-o", "--output", default="model.ts", help="TorchScript file to write (default: model.ts)")
+    export.add_argument("-o", "--output", default="model.ts",
+                        help="TorchScript file to write, or an existing folder to write model.ts in "
+                        "(default: model.ts)")
     export.add_argument("--threshold", type=_threshold, default=None,
                         help="decision threshold of every class, or 'youden' (per class, on the stage's "
                         "validation_predictions.npz); default: youden when those predictions exist, else 0.5")

@@ -25,6 +25,7 @@ import pandas as pd
 from monai_cxr_ssl import methods
 from monai_cxr_ssl.methods import column_of
 from monai_cxr_ssl.results import COLUMN_TAG, class_notes
+from monai_cxr_ssl.tracking import check_tracking_uri
 from monai_cxr_ssl.utils import atomic_write
 
 __all__ = ["column_of", "comparison_notes", "comparison_table", "evaluation_runs", "format_markdown", "mixed_runs",
@@ -72,6 +73,7 @@ def evaluation_runs(
     if method is not None:
         methods.get(method)  # an unknown method is an error naming the registered ones
     uri = tracking_uri or mlflow.get_tracking_uri()
+    check_tracking_uri(uri, "--tracking-uri")
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():  # reading must not make one
         raise ValueError(f"no MLflow store at {uri}: each run keeps its store in its output folder; pass "
                          "--tracking-uri sqlite:///<output_dir>/mlflow.db (e.g. sqlite:///$PWD/runs/sweep/mlflow.db).")

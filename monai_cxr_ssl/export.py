@@ -317,6 +317,20 @@ def model_metadata(
     return meta
 
 
+def output_file(output: str | os.PathLike) -> Path:
+    """Where ``export -o output`` writes: ``output``, or ``output/model.ts`` when it is an existing folder; a
+    blank name or one under a file is an error, raised before any work."""
+    if not str(output).strip():
+        raise ValueError("export -o: the output file name is empty; pass -o <file>.ts (default model.ts).")
+    output = Path(output)
+    if output.is_dir():
+        return output / "model.ts"
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"export -o {output}: {blocking} is a file, not a folder; pass -o <folder>/<file>.ts.")
+    return output
+
+
 def export_model(
     path: str | os.PathLike,
     output: str | os.PathLike,
@@ -331,12 +345,14 @@ def export_model(
     Checks the checkpoint (``checkpoints.read_state_dict``), fits the out-of-distribution statistics on up to
     ``ood_images`` images per split part (0: none, the deploy app then skips the check), then runs MONAI's
     ``verify_net_in_out`` and ``ckpt_export`` on the bundle's ``inference.json`` with the model's plain values;
-    ``output`` appears only when all succeeded. Returns the embedded metadata.
+    ``output`` (a file, or an existing folder to write ``model.ts`` in: ``output_file``) appears only when all
+    succeeded. Returns the embedded metadata.
     """
     from monai_cxr_ssl.deploy.ood import OOD_STATS_FILE
 
     if ood_images < 0:
         raise ValueError(f"ood_images must be >= 0 (0: no out-of-distribution check), got {ood_images}.")
+    output = output_file(output)
     stage_dir, info = final_stage_dir(path)
     source = "the --configs/--set given" if configs else stage_dir / "config_executed.json"
     config = stage_config(stage_dir, configs, overrides, bundle)
@@ -354,7 +370,6 @@ def export_model(
                           "reinstall monai-cxr-ssl")
     inference.update(num_classes=len(info["classes"]), image_size=info["image_size"], crop_size=info["crop_size"],
                      class_names=info["classes"], probabilities=info["probabilities"])
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         meta_file, config_file = os.path.join(tmp, "metadata.json"), os.path.join(tmp, EMBEDDED_CONFIG)

@@ -34,7 +34,7 @@ from monai_cxr_ssl.config_items import read_ids, used_config, uses
 from monai_cxr_ssl.launch import Launch, launch_workflow, multi_gpu_config
 from monai_cxr_ssl.locking import output_lock
 from monai_cxr_ssl.methods import Step, evaluation, plan, teacher_steps
-from monai_cxr_ssl.results import COLUMN_TAG, coverage, format_table1, table1, table1_notes
+from monai_cxr_ssl.results import COLUMN_TAG, coverage, format_table1, merge_methods, table1, table1_notes
 from monai_cxr_ssl.settings import check_override_keys, check_settings
 from monai_cxr_ssl.tracking import TrackedRun, experiment_id, pending_file_of, recorded_run, tracking_client
 from monai_cxr_ssl.utils import atomic_write, read_json, write_json
@@ -275,8 +275,10 @@ class Pipeline:
         return split["counts"]["unlabeled"]
 
     def _parent_run(self, client: mlflow.MlflowClient, experiment: str) -> str:
-        """The pipeline's MLflow run: the one recorded in ``output_dir`` if the store still has it, else a new one."""
-        run_id, created = recorded_run(client, experiment, self.output_dir / "pipeline_run.json", self.run_name)
+        """The pipeline's MLflow run: the one recorded in ``output_dir`` for this method if the store still has it,
+        else a new one (each method run in the folder has its own)."""
+        record = self.output_dir / f"{self._record_stem.replace('results', 'pipeline_run', 1)}.json"
+        run_id, created = recorded_run(client, experiment, record, self.run_name)
         if created:  # params are immutable in MLflow; λ and seed cannot change for an output_dir (its split)
             client.log_param(run_id, "labeled_fraction", self.labeled_fraction)
             client.log_param(run_id, "seed", self.seed)
@@ -349,7 +351,8 @@ class Pipeline:
             split = parser.get_parsed_content("eval_split")
             metrics = read_json(stage_dir / f"{split}_metrics.json", "evaluation report", "re-run the evaluation")
             record["mean_auroc"] = metrics["mean_auroc"]
-            record["test_classes"] = coverage(metrics)
+            dropped = read_json(self.split_file, "split file", "re-run the teacher stage").get("left_out_classes")
+            record["test_classes"] = coverage(metrics, dropped)
             try:  # compare reads the column there: the stage name alone does not tell a pre-trained model's
                 client.set_tag(record["run_id"], COLUMN_TAG, step.column)
             except mlflow.exceptions.MlflowException as err:
@@ -358,8 +361,27 @@ class Pipeline:
         started_file.unlink()
         return record
 
+    @property
+    def _record_stem(self) -> str:
+        """The file stem of this pipeline's own records in the output folder (``results-teacher_student``,
+        ``results-simclr-mean_teacher``): each method run in one folder keeps its own."""
+        name = self.method if self.pretrain is None else f"{self.pretrain}-{self.method}"
+        return "results-" + re.sub(r"[^\w.-]", "_", name)
+
+    def _folder_results(self, results: dict) -> dict:
+        """``results`` merged with those of the other methods finished in this output folder (same λ and seed)."""
+        others = []
+        for path in sorted(self.output_dir.glob("results-*.json")):
+            if path.stem != self._record_stem:
+                other = read_json(path, "pipeline results", "delete it, or re-run that method's pipeline")
+                if (other.get("labeled_fraction"), other.get("seed")) == (results["labeled_fraction"], results["seed"]):
+                    others.append(other)
+        return merge_methods([*others, results])
+
     def _finish(self, client: mlflow.MlflowClient, parent: str, outputs: dict[str, dict]) -> dict:
-        """Write ``results.json`` and ``table1.md``, log them and the AUROCs to the parent run, print the table."""
+        """Write this method's ``results-<method>.json``, ``results.json`` (the last finished pipeline's: export
+        reads its final stage) and ``table1.md`` (every method finished in the folder), log them and the AUROCs to
+        the parent run, print the tables."""
         ran = [step for step in self.steps if step.name in outputs]
         auroc = {step.column: outputs[step.name]["mean_auroc"] for step in ran if step.column}
         results = {
@@ -373,16 +395,23 @@ class Pipeline:
             "runs": {step.name: outputs[step.name]["run_id"] for step in ran},
             "test_classes": {step.column: outputs[step.name].get("test_classes") for step in ran if step.column},
         }
-        table = format_table1(table1([results]), table1_notes([results]))
+        own = self.output_dir / f"{self._record_stem}.json"
+        write_json(own, results)
         write_json(self.output_dir / "results.json", results)
+        folder = self._folder_results(results)
+        table = format_table1(table1([results]), table1_notes([results]))
+        folder_table = format_table1(table1([folder]), table1_notes([folder]))
         with atomic_write(self.output_dir / "table1.md") as f:
-            f.write(table)
+            f.write(folder_table)
         for col, value in auroc.items():
             client.log_metric(parent, metric_name("test_auroc_" + col), value)
-        client.log_artifact(parent, str(self.output_dir / "results.json"))
-        client.log_artifact(parent, str(self.output_dir / "table1.md"))
+        for path in (own, self.output_dir / "results.json", self.output_dir / "table1.md"):
+            client.log_artifact(parent, str(path))
         client.set_terminated(parent, "FINISHED")
         self.echo(f"\nTable I (test AUROC, ten-crop TTA) for {self.run_name}:\n{table}")
+        if len(folder["methods"]) > 1:
+            self.echo(f"Table I of {self.output_dir} (methods {', '.join(folder['methods'])}; table1.md):\n"
+                      f"{folder_table}")
         return results
 
 

@@ -44,36 +44,65 @@ def table1(results: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def coverage(report: dict) -> dict:
-    """What an evaluation report's mean AUROC rests on: ``{"covered", "left_out", "positives"}`` (classes whose
-    test AUROC is defined, those left out, positive test images per class)."""
+def merge_methods(results: Sequence[dict]) -> dict:
+    """The results of several pipelines run in one output folder (one split: one λ and seed; a method each) as one
+    result whose columns are all of theirs, in Table I's order: nothing a finished method wrote is lost when
+    another method runs in the folder. A column they share (the teacher) takes the last result's value."""
+    merged = dict(results[-1])
+    auroc: dict = {}
+    classes: dict = {}
+    for result in results:
+        auroc.update(result["auroc"])
+        classes.update(result.get("test_classes") or {})
+    order = sorted(auroc, key=methods.column_order)
+    merged["auroc"] = {col: auroc[col] for col in order}
+    merged["test_classes"] = {col: classes[col] for col in order if col in classes}
+    merged["methods"] = list(dict.fromkeys(
+        methods.composed_column(r["pretrain"], r["method"]) if r.get("pretrain") else r["method"] for r in results))
+    return merged
+
+
+def coverage(report: dict, dropped: dict | None = None) -> dict:
+    """What an evaluation report's mean AUROC rests on: ``{"covered", "left_out", "dropped", "positives"}``
+    (classes whose test AUROC is defined; those left out: undefined on the test images, or ``dropped`` by the split
+    for too few labeled positives, its ``left_out_classes``: ``{name: {"pool", "labeled"}}``; positive test images
+    per class)."""
     auroc = report["auroc"]
+    left_out = list(report.get("classes_left_out", [c for c, v in auroc.items() if v is None]))
+    dropped = dict(dropped or {})
     return {
         "covered": report.get("classes_covered", [c for c, v in auroc.items() if v is not None]),
-        "left_out": report.get("classes_left_out", [c for c, v in auroc.items() if v is None]),
+        "left_out": left_out + [c for c in dropped if c not in left_out],
+        "dropped": dropped,
         "positives": dict(report["positives"]),
     }
 
 
 def class_notes(coverages: Iterable[dict], few: int = FEW_POSITIVES) -> list[str]:
-    """Lines for under a table of mean test AUROCs: which classes the means cover (and which are left out, AUROC
-    undefined), and the covered classes whose AUROC rests on fewer than ``few`` positive test images (with their
-    count, or its range over the runs)."""
+    """Lines for under a table of mean test AUROCs: which classes the means cover, those left out (AUROC undefined
+    on the test images; or dropped by the split, with their training-pool and labeled positives), and the covered
+    classes whose AUROC rests on fewer than ``few`` positive test images (with their count, or its range over the
+    runs)."""
     coverages = [c for c in coverages if c]
     if not coverages:
         return []
     sets: dict[tuple, int] = defaultdict(int)
     for c in coverages:
         sets[tuple(c["covered"])] += 1
-    left_out = list(dict.fromkeys(name for c in coverages for name in c["left_out"]))
+    dropped = {name: counts for c in coverages for name, counts in (c.get("dropped") or {}).items()}
+    undefined = list(dict.fromkeys(name for c in coverages for name in c["left_out"] if name not in dropped))
     if len(sets) == 1:
         (covered,) = sets
         line = f"Mean AUROC over {len(covered)} class(es): {', '.join(covered)}"
     else:
         line = "Mean AUROC over different classes per run: " + "; ".join(
             f"{', '.join(covered)} ({n} run{'s' if n > 1 else ''})" for covered, n in sets.items())
-    if left_out:
-        line += f"; left out (test AUROC undefined, one label value only): {', '.join(left_out)}"
+    if undefined:
+        line += f"; left out (test AUROC undefined, one label value only): {', '.join(undefined)}"
+    if dropped:
+        line += ("; left out of training and testing (too few labeled positives, setting min_positives): "
+                 + ", ".join(f"{name} ({v['labeled']} labeled of {v['pool']} in the training pool)"
+                             for name, v in dropped.items()))
     lines = [line + "."]
     counts: dict[str, list[int]] = defaultdict(list)
     for c in coverages:

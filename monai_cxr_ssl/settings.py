@@ -13,18 +13,24 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from monai_cxr_ssl import methods
 from monai_cxr_ssl.probabilities import KINDS as PROBABILITY_KINDS
 from monai_cxr_ssl.rules import BOOL, POSITIVE, PROBABILITY, Rule, at_least, choice, interval, rule, whole
 
-__all__ = ["MIN_CROP_SIZE", "RULES", "all_rules", "check_override_keys", "check_settings", "check_values",
-           "config_ids", "stage_epochs"]
+__all__ = ["MIN_CROP_SIZE", "PATH_SETTINGS", "RULES", "all_rules", "check_override_keys", "check_settings",
+           "check_values", "config_ids", "stage_epochs"]
 
 # DenseNet121 down-samples by 32: a smaller crop has no pixels left before its last block.
 MIN_CROP_SIZE = 32
 
+
+# Settings that name a file or folder: an empty or blank one would silently mean the current folder or the root.
+PATH_SETTINGS = ("output_dir", "stage_dir", "ckpt_dir", "split_file", "dataset_dir", "bundle_root", "ckpt_path",
+                 "init_ckpt", "filtered_file", "pseudo_label_file", "mlflow_run_record")
+PATH = rule(lambda v: isinstance(v, (str, os.PathLike)) and str(v).strip() != "", "a path that is not empty or blank")
 
 # The settings every stage shares: id -> (test, what is expected); ids a config lacks are not checked. A method's own
 # settings are declared with its stage kinds (``StageKind.rules``, ``methods.setting_rules``).
@@ -52,8 +58,9 @@ RULES: dict[str, Rule] = {
     "resume": BOOL,
     "bad_images": choice("fail", "skip"),
     "allow_patient_overlap": BOOL,
-    "unlabeled_source": rule(lambda v: isinstance(v, (str, os.PathLike)) and str(v).strip() != "",
-                             "a folder or .csv file of unlabeled images", nullable=True),
+    **dict.fromkeys(PATH_SETTINGS, PATH),
+    "encoder_init": rule(PATH[0], PATH[1], nullable=True),
+    "unlabeled_source": rule(PATH[0], "a folder or .csv file of unlabeled images", nullable=True),
     "unlabeled_source_column": rule(lambda v: isinstance(v, str) and v.strip() != "", "a CSV column name"),
     "eval_split": choice("labeled", "unlabeled", "validation", "test"),
     "max_unlabeled": whole(1, nullable=True),
@@ -89,14 +96,28 @@ def check_values(values: Mapping[str, Any], where: str = "") -> None:
     if values.get("training") and values.get("batch_size") == 1:
         raise ValueError(f"setting batch_size=1{suffix}: training needs at least 2 images per batch (batch norm).")
     output_dir = values.get("output_dir")
-    if output_dir is not None and os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    if output_dir is not None:
+        _check_folder(Path(output_dir), suffix)
+    if "tracking_uri" in values:
+        from monai_cxr_ssl.tracking import check_tracking_uri
+
+        check_tracking_uri(values["tracking_uri"], f"setting tracking_uri{suffix}")
+
+
+def _check_folder(output_dir: Path, suffix: str) -> None:
+    """An output folder that is a file, or lies under one, cannot be made."""
+    if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"setting output_dir={str(output_dir)!r}{suffix} is a file, not a folder; choose a folder.")
+    blocking = next((p for p in output_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"setting output_dir={str(output_dir)!r}{suffix} lies under {blocking}, which is a file, "
+                         "not a folder; choose a folder.")
 
 
 def check_settings(parser: Any, where: str = "", config: dict | None = None) -> None:
     """``check_values`` over the ids of ``all_rules()`` (and ``output_dir``) that the config of ``parser`` has (or,
     given, that ``config`` has: the stage's own config, so a setting meant for another stage is checked there)."""
-    ids = [key for key in (*all_rules(), "output_dir") if key in parser and (config is None or key in config)]
+    ids = [key for key in (*all_rules(), "tracking_uri") if key in parser and (config is None or key in config)]
     values = {}
     for key in ids:
         try:

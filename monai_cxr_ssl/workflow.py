@@ -3,6 +3,7 @@ recording the executed config."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -56,8 +57,26 @@ def resolve_configs(bundle: str | os.PathLike, configs: Sequence[str]) -> list[s
                 f"config {name!r} not found: use one of {sorted(named)}, a JSON/YAML file, "
                 f"or an overlay name from {OVERLAYS_DIR}."
             )
+        _check_overlay(path)
         overlays.append(str(path))
     return list(dict.fromkeys(stage)) + overlays
+
+
+def _check_overlay(path: Path) -> None:
+    """A user's overlay must parse as MONAI reads it (JSON, or YAML for .yaml/.yml) into an object of settings;
+    MONAI's own error would not name the file."""
+    import yaml
+
+    kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
+    try:
+        text = path.read_text()
+        content = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"config overlay {path}: not valid {kind} ({first}); fix the file.") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"config overlay {path}: holds a {type(content).__name__}, not an object of settings "
+                         '({"key": value, ...}); fix the file.')
 
 
 def make_workflow(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from ignite.engine import Engine, Events
 
@@ -98,3 +99,16 @@ def test_resume_disabled_starts_over(tmp_path):
     ResumableCheckpoint(str(tmp_path), {"network": net}, resume=False).attach(trainer2)
     trainer2.run(data, max_epochs=2)
     assert log2 == [1, 2]
+
+
+@pytest.mark.parametrize("record", ['{"split_fingerprint": "abc", "settings": [1, 2]}', '[1, 2]',
+                                    '{"split_fingerprint": 3, "settings": {}}'])
+def test_a_damaged_provenance_record_is_named_before_resuming(tmp_path, record):
+    net = torch.nn.Linear(2, 1)
+    trainer = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), [])
+    ResumableCheckpoint(str(tmp_path), {"network": net}).attach(trainer)
+    trainer.run([torch.ones(1, 2)], max_epochs=1)
+    (tmp_path / "provenance.json").write_text(record)
+    with pytest.raises(ValueError, match=r"provenance.json: a damaged checkpoint provenance record \((its \w+ is a|"
+                                         r"list, not an object).*delete the stage folder and re-run the stage"):
+        ResumableCheckpoint(str(tmp_path), {"network": net})

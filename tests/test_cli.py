@@ -119,3 +119,45 @@ def test_compare_imports_neither_torch_nor_monai(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| 5% | 0.750 ± 0.071 (n=2) |" in done.stdout  # it did compare: the teacher's mean ± std over 2 seeds
     assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["output_dir="], "setting output_dir='' must be a path that is not empty or blank"),
+        (["output_dir=  "], "setting output_dir='  ' must be a path that is not empty or blank"),
+        (["dataset_dir="], "setting dataset_dir='' must be a path"),
+        (["output_dir={tmp}/a_file/out"], "lies under {tmp}/a_file, which is a file, not a folder"),
+        (["tracking_uri=foo://bar"], "setting tracking_uri='foo://bar': MLflow has no tracking store for the scheme"),
+        (["tracking_uri=sqlite:///{tmp}"], "{tmp} is a folder, not a SQLite database file"),
+        (["seed"], "'seed' is not of the form key=value"),
+        (["val_fraction=0.99"], "val_fraction=0.99 leaves"),
+        (["--nproc-per-node", "0"], "--nproc-per-node must be a whole number >= 1"),
+        (["{tmp}/broken.json"], "config overlay {tmp}/broken.json: not valid JSON"),
+    ],
+)
+def test_bad_paths_and_arguments_exit_2_with_one_line(data, tmp_path, capsys, args, message):
+    """Each bad input stops before any work with exit code 2 and one line naming the setting or file; nothing is
+    written, in the output folder or the current one."""
+    from monai_cxr_ssl import cli
+
+    (tmp_path / "a_file").write_text("a file")
+    (tmp_path / "broken.json").write_text('{"num_epochs": 2,\n')
+    args = [a.format(tmp=tmp_path) for a in args]
+    options = [a for a in args if a.startswith("--") or a.endswith(".json") or a.isdigit()]
+    settings = [a for a in args if a not in options]
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "train", "demo", *options, "--set", f"dataset_dir={data}", f"output_dir={tmp_path / 'out'}",
+                  *TINY, *settings])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("monai-cxr-ssl: error: ") and message.format(tmp=tmp_path) in err[-1], err[-3:]
+    assert "Traceback" not in "\n".join(err)
+    assert sorted(tmp_path.iterdir()) == before  # no split.json, no stage folder, no store
+
+
+def test_compare_refuses_a_folder_as_its_sqlite_store(tmp_path):
+    done = _cli("compare", "cxr", "--tracking-uri", f"sqlite:///{tmp_path}", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{tmp_path} is a folder, not a SQLite database file" in done.stderr.splitlines()[-1]

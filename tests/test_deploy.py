@@ -200,6 +200,23 @@ def test_monochrome1_reads_as_the_original(model, dicoms, tmp_path):
     assert results[0] == pytest.approx(results[1], abs=1e-6)
 
 
+def test_monochrome1_label_on_pixels_never_inverted_is_withheld(model, dicoms, tmp_path):
+    """A MONOCHROME1 label on pixels that were never inverted reads as a negative radiograph: findings withheld,
+    with the reason; the correctly labelled image is classified."""
+    model_path, _ = model
+    mislabelled = pydicom.dcmread(dicoms[DX])
+    mislabelled.PhotometricInterpretation = "MONOCHROME1"
+    results = {}
+    for name, ds in (("orig", pydicom.dcmread(dicoms[DX])), ("mislabelled", mislabelled)):
+        run = _app(["-i", str(_study(tmp_path / name, ds)), "-o", str(tmp_path / f"out_{name}"), "-m",
+                    str(model_path), "--accept-unknown-body-part"])
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[name] = _outputs(tmp_path / f"out_{name}")[0]
+    assert results["orig"]["findings_withheld"] is None
+    assert results["mislabelled"]["findings"] == []
+    assert "reads as a negative (PhotometricInterpretation MONOCHROME1" in results["mislabelled"]["findings_withheld"]
+
+
 def test_bad_inputs_are_refused_without_partial_output(model, dicoms, tmp_path, capsys):
     from monai_cxr_ssl.deploy.app import main
 
@@ -228,6 +245,9 @@ def test_bad_inputs_are_refused_without_partial_output(model, dicoms, tmp_path, 
     truncated.mkdir()
     data = (dicoms[DX]).read_bytes()
     (truncated / "cut.dcm").write_bytes(data[: len(data) // 2])
+    unplaced = pydicom.dcmread(dicoms[DX])  # an OT image whose position the SDK's loader cannot parse
+    unplaced.Modality = "OT"
+    unplaced.add_new(0x00200032, "LO", "a\\b\\c")  # ImagePositionPatient, not numbers
     (tmp_path / "empty").mkdir()
     (tmp_path / "not_a_model.ts").write_bytes(b"not torchscript")
     cases = {
@@ -242,6 +262,10 @@ def test_bad_inputs_are_refused_without_partial_output(model, dicoms, tmp_path, 
         "two images in the series": (_study(tmp_path / "two", dx, second), model_path, "has 2 images"),
         "multi-frame image": (_study(tmp_path / "frames", multiframe), model_path, "holds 2 frames"),
         "model not TorchScript": (_study(tmp_path / "ok", dx), tmp_path / "not_a_model.ts", "not a TorchScript"),
+        "an image the loader cannot place in a series": (_study(tmp_path / "unplaced", unplaced), model_path,
+                                                         "image0.dcm: the DICOM loader could not place this OT image"),
+        "a file given as the input folder": (tmp_path / "ok" / "image0.dcm", model_path,
+                                             "image0.dcm: the input is a file, not a folder"),
     }
     for case, (folder, model_file, message) in cases.items():
         out = tmp_path / f"out_{case.replace(' ', '_')}"

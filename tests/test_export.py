@@ -244,3 +244,18 @@ def test_inference_bundle_names_skipped_files_and_writes_a_header(experiment, tm
     assert err.startswith(f"monai-cxr-ssl: error: {stage / 'models' / 'model.pt'}: not a readable PyTorch checkpoint")
     assert len(err.strip().splitlines()) == 1 and "weights_only" not in err
     assert not (tmp_path / "bad" / "predictions.csv").exists()
+
+
+def test_an_existing_folder_as_output_gets_model_ts(experiment, tmp_path, capsys):
+    from monai_cxr_ssl.cli import main
+
+    exp = _copy(experiment, tmp_path / "exp")
+    (tmp_path / "models").mkdir()
+    main(["export", str(exp), "-o", str(tmp_path / "models"), "--ood-images", "0"])
+    assert (tmp_path / "models" / "model.ts").is_file()
+    assert f"to {tmp_path / 'models' / 'model.ts'}" in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(exp), "-o", str(tmp_path / "a_file" / "model.ts"), "--ood-images", "0"])
+    assert exit_.value.code == 2
+    assert f"{tmp_path / 'a_file'} is a file, not a folder" in capsys.readouterr().err

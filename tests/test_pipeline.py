@@ -239,6 +239,22 @@ def test_pipeline_killed_and_resumed_then_rerun_with_a_changed_setting(tiny):
     for column, value in results["auroc"].items():
         assert row[column]["mean"] == pytest.approx(value) and row[column]["n"] == 1
 
+    # A second method in the same folder shares the teacher and loses nothing the first wrote: each method keeps its
+    # results file and MLflow run, and the folder's Table I holds both methods' figures.
+    mean_teacher = {k: v for k, v in settings.items() if k not in ("rounds", "student:num_epochs")}
+    said = _lines(_pipeline({**mean_teacher, "method": "mean_teacher"}, root, pause).stdout)
+    assert said["teacher"].startswith("done earlier") and said["mean_teacher"] == "running"
+    assert json.loads((out / "results-teacher_student.json").read_text()) == results
+    second = json.loads((out / "results-mean_teacher.json").read_text())
+    assert json.loads((out / "results.json").read_text()) == second  # the last finished pipeline's (export's)
+    assert second["auroc"]["teacher"] == results["auroc"]["teacher"]
+    table = (out / "table1.md").read_text().splitlines()
+    both = {**results["auroc"], "mean teacher": second["auroc"]["mean teacher"]}
+    assert table[0] == f"| labeled | seeds | {' | '.join(both)} |"
+    assert table[2] == "| 40% | 0 | " + " | ".join(f"{v:.3f}" for v in both.values()) + " |"
+    assert second["run_id"] != results["run_id"]
+    assert client.get_run(results["run_id"]).data.tags["method"] == "teacher_student"
+
 
 @pytest.mark.slow
 def test_sweep_over_seeds_with_an_empty_unlabeled_split(tiny):

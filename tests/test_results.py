@@ -31,3 +31,26 @@ def test_table1_says_which_classes_the_mean_covers_and_flags_few_positives():
     ]
     assert format_table1(table1([{"labeled_fraction": 0.1, "seed": 0, "auroc": {"teacher": 0.7}}]),
                          table1_notes([{"auroc": {}}])).count("\n") == 3  # no notes without reports: table only
+
+
+def test_classes_the_split_left_out_are_named_in_test_classes_and_under_table1():
+    """A class without enough labeled positives is dropped by the split (``min_positives``): the test report never
+    sees it, yet Table I must name it, as the pipeline records it (``coverage(report, split left_out_classes)``)."""
+    from monai_cxr_ssl.data.splits import make_split
+
+    # 40 patients: Effusion on every other one, Hernia on two patients only
+    pool = [{"id": f"p{k}", "patient_id": f"p{k}", "label": [k % 2, int(k in (3, 17))]} for k in range(40)]
+    split = make_split(pool, labeled_fraction=0.1, val_fraction=0.2, test_fraction=0.2, seed=0, min_positives=1,
+                       classes=["Effusion", "Hernia"])
+    hernia_labeled = sum(it["label"][1] for it in pool if it["id"] in {x["id"] for x in split["labeled"]})
+    assert hernia_labeled == 0 and split["classes"] == ["Effusion"]  # the case this test is about
+    test = split["test"]
+    report = auroc_report([it["label"] for it in test], [[k / len(test)] for k in range(len(test))], ["Effusion"])
+    covered = coverage(report, split["left_out_classes"])
+    assert covered["left_out"] == ["Hernia"] and covered["covered"] == ["Effusion"]
+    pool_count = split["left_out_classes"]["Hernia"]["pool"]
+    held_out = {x["id"] for x in test + split["validation"]}
+    assert pool_count == sum(it["label"][1] for it in pool if it["id"] not in held_out)
+    (line, *_) = table1_notes([{"auroc": {"teacher": report["mean_auroc"]}, "test_classes": {"teacher": covered}}])
+    assert line == ("Mean AUROC over 1 class(es): Effusion; left out of training and testing (too few labeled "
+                    f"positives, setting min_positives): Hernia (0 labeled of {pool_count} in the training pool).")

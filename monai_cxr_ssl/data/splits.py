@@ -207,14 +207,23 @@ def make_split(
     labeled = parts["labeled"]
     positives = _positives(labeled, num_classes)
     in_pool = _positives(labeled + parts["unlabeled"], num_classes)
-    where = (f"the labeled part ({len(labeled)} of {len(labeled) + len(parts['unlabeled'])} training images, "
+    num_train = len(labeled) + len(parts["unlabeled"])
+    # the fractions that carved validation and test images out of the pool, named where they leave it too small
+    carving = " and ".join(f"{'val' if k == 'validation' else 'test'}_fraction={v}" for k, v in carved.items() if v)
+    leave = "leave" if " and " in carving else "leaves"
+    if num_train == 0:
+        raise ValueError(f"{carving or 'the split lists'} {leave} no image of the {len(items)} for training; lower "
+                         f"{'them' if ' and ' in carving else 'it'}.")
+    left = f": what {carving} {leave} of {len(items)}" if carving else ""
+    where = (f"the labeled part ({len(labeled)} of {num_train} training images{left}; "
              f"labeled_fraction={labeled_fraction}, seed={seed})")
+    fractions = [part.split("=")[0] for part in carving.split(" and ")] if carving else []
+    remedy = "try another seed" + (f" or a lower {' or '.join(fractions)}" if fractions else "")
     if num_classes == 1 and (positives[0] == 0 or positives[0] == len(labeled)):
-        kind, pool_count = ("positive", in_pool[0]) if positives[0] == 0 else (
-            "negative", len(labeled) + len(parts["unlabeled"]) - in_pool[0])
+        kind, pool_count = ("positive", in_pool[0]) if positives[0] == 0 else ("negative", num_train - in_pool[0])
         raise ValueError(
             f"{where} has no {kind} example of class {names[0]!r} ({pool_count} in the training pool): whole "
-            "patients move between parts, so a larger labeled_fraction need not help; try another seed."
+            f"patients move between parts, so a larger labeled_fraction need not help; {remedy}."
         )
     rare = [c for c in range(num_classes) if positives[c] < min_positives]
     counts = {names[c]: {"pool": in_pool[c], "labeled": positives[c]} for c in rare}

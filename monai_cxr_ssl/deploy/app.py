@@ -55,11 +55,18 @@ REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesIns
 ACCEPT_UNKNOWN_ENV = "MONAI_CXR_SSL_ACCEPT_UNKNOWN_BODY_PART"  # "1": the flag, for packaged apps
 
 
+def _not_a_folder(path: Path, remedy: str) -> str:
+    if path.exists():
+        return (f"{path}: the input is a file, not a folder; the app reads a study's folder: pass {remedy}, e.g. "
+                f"-i {path.parent}.")
+    return f"{path}: input folder does not exist; pass {remedy}."
+
+
 def check_inputs(input_folder: Path) -> list[Path]:
     """The DICOM files of ``input_folder`` (recursively, hidden files skipped); each must be DICOM by content
     (preamble, or a forced read that finds pixel data) and carry its UIDs, or the cause is named."""
     if not input_folder.is_dir():
-        raise DeployInputError(f"{input_folder}: input folder does not exist; pass -i <folder of DICOM files>.")
+        raise DeployInputError(_not_a_folder(input_folder, "-i <folder of DICOM files>"))
     files = sorted(p for p in input_folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise DeployInputError(f"{input_folder}: the input folder is empty; give the folder of a study's DICOM files.")
@@ -165,8 +172,8 @@ def _options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     known.model = known.model or os.environ.get("HOLOSCAN_MODEL_PATH")
     known.accept_unknown_body_part |= os.environ.get(ACCEPT_UNKNOWN_ENV) == "1"
     if not known.input or not Path(known.input).is_dir():
-        raise DeployInputError(f"{known.input or '(none)'}: input folder does not exist; pass -i <folder of DICOM "
-                               "files> (or set HOLOSCAN_INPUT_PATH).")
+        raise DeployInputError(_not_a_folder(Path(known.input or "(none)"),
+                                             "-i <folder of DICOM files> (or set HOLOSCAN_INPUT_PATH)"))
     if not known.model or not Path(known.model).exists():
         raise DeployInputError(f"{known.model or '(none)'}: model file does not exist; pass -m <model.ts> (or set "
                                "HOLOSCAN_MODEL_PATH).")

@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 
 from monai_cxr_ssl import __version__
 from monai_cxr_ssl.data import ACCEPTED_MODALITIES, dicom_to_image, read_dicom_dataset
+from monai_cxr_ssl.deploy.inversion import looks_inverted
 from monai_cxr_ssl.deploy.ood import OODStats, centre_crop
 from monai_cxr_ssl.transforms.tencrop import ten_crop
 
@@ -94,7 +95,35 @@ class CXRDICOMLoaderOperator(DICOMDataLoaderOperator):
     """
 
     def _load_data(self, files: list[str]) -> list:
-        return super()._load_data([_as_part10(Path(f)) for f in files])
+        warned = _Messages()
+        self._logger.addHandler(warned)
+        try:
+            studies = super()._load_data([_as_part10(Path(f)) for f in files])
+        finally:
+            self._logger.removeHandler(warned)
+        # The SDK logs and drops an instance it cannot parse (a malformed position, ...), which would later read as
+        # "no chest radiograph" or an empty series: name the file instead.
+        loaded = {str(instance.get_native_sop_instance().SOPInstanceUID) for study in studies
+                  for series in study.get_all_series() for instance in series.get_sop_instances()}
+        for path in files:
+            ds = read_dicom_dataset(Path(path))
+            if str(ds.SOPInstanceUID) not in loaded and ds.SOPClassUID not in self.SOP_CLASSES_TO_IGNORE:
+                raise DeployInputError(
+                    f"{path}: the DICOM loader could not place this {ds.get('Modality', '')} image in a series "
+                    f"({'; '.join(warned.messages) or 'no reason given'}); re-export it or remove it from the input "
+                    "folder.")
+        return studies
+
+
+class _Messages(logging.Handler):
+    """Keeps the warnings a logger emits, to quote them in an error."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _as_part10(path: Path) -> str | io.BytesIO:
@@ -261,11 +290,12 @@ class CXRClassifierOperator(Operator):
         probabilities = {name: float(p) for name, p in zip(info["classes"], probs, strict=True)}
         ood = ood_result(self.model, self.ood, image, info["image_size"], info["crop_size"])
         findings = [name for name, p in probabilities.items() if p >= info["thresholds"][name]]
-        withheld = None
-        if ood["checked"] and not ood["in_distribution"]:
+        withheld = looks_inverted(image, str(ds.get("PhotometricInterpretation", "")))
+        if withheld is None and ood["checked"] and not ood["in_distribution"]:
             withheld = (f"the image does not look like the model's training images (out-of-distribution distance "
                         f"{ood['distance']:.2f} > threshold {ood['threshold']:.2f}); not a chest radiograph the "
                         "model can judge")
+        if withheld is not None:
             findings = []
         decision, evidence = body_part_evidence(ds)
         result = {
