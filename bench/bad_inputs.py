@@ -1,9 +1,10 @@
 """The bad-input battery: every case runs the real command in a fresh process and must fail with one clear line.
 
 A case is clear when the command exits non-zero, prints no traceback, and its error line names what is wrong (the
-setting, the file or the folder: each case lists the words its message must contain). The table (case → exit code
-→ first line of the message → clear) goes to ``bench/results/bad_inputs.md`` and ``.json``; ``docs/errors.md``
-quotes it.
+setting, the file or the folder: each case lists the words its message must contain). An ``accepted`` case is an
+input the command must handle: it is clear when the command exits 0 and a line of its output says how. The table
+(case → exit code → first line of the message → clear) goes to ``bench/results/bad_inputs.md`` and ``.json``;
+``docs/errors.md`` quotes it.
 
     python bench/bad_inputs.py            # all cases, two at a time (about 5 minutes on 2 cores)
     python bench/bad_inputs.py --only settings
@@ -39,7 +40,8 @@ class Case:
     group: str
     name: str
     make: Callable[[Workspace], list[str]]  # builds the bad input, returns the command
-    expect: tuple[str, ...]  # words the error line must contain
+    expect: tuple[str, ...]  # words the error line (for an accepted case: the line saying how it was handled) holds
+    accepted: bool = False  # an input the command must handle and succeed on (exit 0), saying what it did
 
 
 class Workspace:
@@ -146,6 +148,25 @@ def settings_cases() -> list[Case]:
         path.write_text("a file")
         return cli("run", "train", "demo", *ws.common(path))
 
+    def under_a_file(ws: Workspace) -> list[str]:
+        path = ws.folder() / "a_file"
+        path.write_text("a file")
+        return cli("run", "train", "demo", *ws.common(path / "out"))
+
+    def broken_overlay(ws: Workspace) -> list[str]:
+        overlay = ws.folder() / "mine.json"
+        overlay.write_text('{"num_epochs": 2,\n')
+        return cli("run", "train", "demo", str(overlay), *ws.common(overlay.parent / "out"))
+
+    def no_equals(ws: Workspace) -> list[str]:
+        return [*cli("run", "train", "demo", *ws.common(ws.folder() / "out")), "seed"]
+
+    def processes(ws: Workspace) -> list[str]:
+        return cli("run", "train", "demo", "--nproc-per-node", "0", *ws.common(ws.folder() / "out"))
+
+    def compare_folder(ws: Workspace) -> list[str]:
+        return cli("compare", "demo", "--tracking-uri", f"sqlite:///{ws.folder()}")
+
     return [
         Case("settings", "misspelt setting labeled_fracton=0.1", run("labeled_fracton=0.1"),
              ("labeled_fracton", "labeled_fraction")),
@@ -161,6 +182,18 @@ def settings_cases() -> list[Case]:
         Case("settings", "positive class folder that does not exist", run("datasource#positive_class=EFFUSION"),
              ("EFFUSION",)),
         Case("folders", "output_dir is a file", file_as_output, ("output_dir", "is a file")),
+        Case("folders", "output_dir empty (--set output_dir=)", run("output_dir="), ("output_dir", "empty")),
+        Case("folders", "output_dir blank (--set 'output_dir= ')", run("output_dir= "), ("output_dir", "blank")),
+        Case("folders", "output_dir under a file", under_a_file, ("output_dir", "a_file", "is a file")),
+        Case("settings", "tracking_uri=foo://bar (no such MLflow store)", run("tracking_uri=foo://bar"),
+             ("tracking_uri", "foo")),
+        Case("settings", "compare --tracking-uri sqlite:///<a folder>", compare_folder,
+             ("is a folder", "SQLite database")),
+        Case("settings", "an overlay that is not valid JSON", broken_overlay, ("mine.json", "not valid JSON")),
+        Case("settings", "val_fraction=0.99 leaves no training images", run("val_fraction=0.99"),
+             ("val_fraction",)),
+        Case("settings", "--set seed (no '=')", no_equals, ("seed", "key=value")),
+        Case("settings", "--nproc-per-node 0", processes, ("--nproc-per-node",)),
         Case("folders", "dataset_dir does not exist", run("dataset_dir=/nonexistent/cxr"), ("/nonexistent/cxr",)),
         Case("settings", "pipeline: κ keep_fraction=1.5 (checked before the teacher)", pipeline("keep_fraction=1.5"),
              ("keep_fraction",)),
@@ -241,6 +274,12 @@ def checkpoint_cases() -> list[Case]:
         shutil.copy(other / "pseudo_label" / "filtered.json", out / "pseudo_label" / "filtered.json")
         return cli("run", "student", "demo", *ws.common(out))
 
+    def damaged_provenance(ws: Workspace) -> list[str]:
+        out = ws.copy_trained()
+        record = out / "teacher" / "models" / "provenance.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "settings": ["not", "an", "object"]}))
+        return cli("run", "train", "demo", *ws.common(out, "num_epochs=2"))
+
     def missing_teacher(ws: Workspace) -> list[str]:
         return cli("run", "pseudo_label", "demo", *ws.common(ws.folder() / "out"))
 
@@ -258,6 +297,8 @@ def checkpoint_cases() -> list[Case]:
              ("model.pt", "another split")),
         Case("checkpoints", "evaluate another split's checkpoint", other_split_evaluate, ("model.pt", "another split")),
         Case("checkpoints", "pseudo-labels before the teacher exists", missing_teacher, ("model.pt", "teacher")),
+        Case("checkpoints", "provenance.json whose settings is not an object", damaged_provenance,
+             ("provenance.json", "damaged")),
     ]
 
 
@@ -304,6 +345,14 @@ def _dicom(path: Path, **tags: object) -> Path:
     return path
 
 
+def _chest_pixels() -> bytes:
+    """64 x 64 8-bit pixels of a chest radiograph as displayed: a bright body, two dark lung fields."""
+    yy, xx = np.mgrid[:64, :64] / 63.0
+    lungs = np.exp(-(((xx - 0.3) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2)) + np.exp(
+        -(((xx - 0.7) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+    return np.clip(200 - 120 * lungs + 30 * yy, 0, 255).astype(np.uint8).tobytes()
+
+
 def deploy_cases() -> list[Case]:
     def app(*args: str) -> list[str]:
         return [sys.executable, "-m", "monai_cxr_ssl.deploy", *args]
@@ -311,6 +360,26 @@ def deploy_cases() -> list[Case]:
     def study(ws: Workspace, **tags: object) -> list[str]:
         folder = ws.folder()
         _dicom(folder / "in" / "image.dcm", **tags)
+        return app("-i", str(folder / "in"), "-o", str(folder / "out"), "-m", str(ws.model()))
+
+    def file_as_input(ws: Workspace) -> list[str]:
+        folder = ws.folder()
+        image = _dicom(folder / "in" / "image.dcm")
+        return app("-i", str(image), "-o", str(folder / "out"), "-m", str(ws.model()))
+
+    def unplaced(ws: Workspace) -> list[str]:
+        folder = ws.folder()
+        path = _dicom(folder / "in" / "image.dcm", Modality="OT")
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x00200032, "LO", "a\\b\\c")  # ImagePositionPatient that is not numbers
+        ds.save_as(path)
+        return app("-i", str(folder / "in"), "-o", str(folder / "out"), "-m", str(ws.model()))
+
+    def negative(ws: Workspace) -> list[str]:
+        folder = ws.folder()
+        _dicom(folder / "in" / "image.dcm", PhotometricInterpretation="MONOCHROME1", PixelData=_chest_pixels())
         return app("-i", str(folder / "in"), "-o", str(folder / "out"), "-m", str(ws.model()))
 
     def missing_input(ws: Workspace) -> list[str]:
@@ -350,6 +419,11 @@ def deploy_cases() -> list[Case]:
              ("chest", "--accept-unknown-body-part")),
         Case("deploy", "app: an MR series", lambda ws: study(ws, Modality="MR"), ("radiograph",)),
         Case("deploy", "app: a knee radiograph", lambda ws: study(ws, BodyPartExamined="KNEE"), ("chest",)),
+        Case("deploy", "app: -i <a DICOM file> instead of its folder", file_as_input, ("image.dcm", "not a folder")),
+        Case("deploy", "app: an OT image the DICOM loader cannot place in a series", unplaced,
+             ("image.dcm", "could not place")),
+        Case("deploy", "app: MONOCHROME1 on pixels never inverted (withheld)", negative,
+             ("findings", "reads as a negative"), accepted=True),
     ]
 
 
@@ -372,6 +446,15 @@ def export_cases() -> list[Case]:
         shutil.copytree(out / "teacher", out / "student")
         return cli("export", str(out), "-o", str(out / "model.ts"), "--ood-images", "0")
 
+    def into_folder(ws: Workspace) -> list[str]:
+        folder = ws.folder()
+        return cli("export", str(ws.trained(0)), "-o", str(folder), "--ood-images", "0")
+
+    def under_file(ws: Workspace) -> list[str]:
+        folder = ws.folder()
+        (folder / "a_file").write_text("a file")
+        return cli("export", str(ws.trained(0)), "-o", str(folder / "a_file" / "model.ts"), "--ood-images", "0")
+
     def inference(ws: Workspace) -> list[str]:
         folder = ws.folder()
         return cli("run", "inference", "--set", f"dataset_dir={ws.data / 'test'}", "num_workers=0",
@@ -383,9 +466,29 @@ def export_cases() -> list[Case]:
         Case("export", "export: model.pt that is not a checkpoint", garbage,
              ("model.pt", "not a readable PyTorch checkpoint")),
         Case("export", "export: two stages and no results.json", two_stages, ("student", "teacher")),
+        Case("export", "export -o <an existing folder> (writes model.ts in it)", into_folder, ("model.ts",),
+             accepted=True),
+        Case("export", "export -o <a path under a file>", under_file, ("a_file", "is a file")),
         Case("export", "inference: ckpt_path that is not a checkpoint", inference,
              ("model.pt", "not a readable PyTorch checkpoint")),
     ]
+
+
+def results_cases() -> list[Case]:
+    def rare_class(ws: Workspace) -> list[str]:
+        folder = ws.folder() / "d"
+        rows = ["image,Effusion,Hernia"]
+        for i in range(48):
+            _png(folder / f"img{i}.png", 40 + 3 * i)
+            rows.append(f"img{i}.png,{i % 2},{int(i in (5, 30))}")
+        (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+        source = json.dumps({"_target_": "monai_cxr_ssl.data.CsvSource", "csv_path": str(folder / "labels.csv"),
+                             "label_columns": ["Effusion", "Hernia"]})
+        return cli("pipeline", "demo", *ws.common(folder.parent / "out", f"datasource={source}", "min_positives=3",
+                                                  "method=mean_teacher"))
+
+    return [Case("results", "Table I: a class the split leaves out (2 Hernia images, min_positives=3)", rare_class,
+                 ("Hernia", "left out of training"), accepted=True)]
 
 
 def lock_cases() -> list[Case]:
@@ -403,7 +506,7 @@ def lock_cases() -> list[Case]:
 
 
 GROUPS = {"settings": settings_cases, "data": data_cases, "checkpoints": checkpoint_cases, "folders": lock_cases,
-          "disk": disk_cases, "deploy": deploy_cases, "export": export_cases}
+          "disk": disk_cases, "deploy": deploy_cases, "export": export_cases, "results": results_cases}
 
 
 def error_line(output: str) -> str:
@@ -423,9 +526,14 @@ def run_case(case: Case, ws: Workspace) -> dict:
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ws.root, env=env, timeout=600)
     output = done.stdout + done.stderr
-    message = error_line(done.stderr or done.stdout)
-    clear = (done.returncode != 0 and "Traceback" not in output
-             and all(word.lower() in message.lower() for word in case.expect))
+    if case.accepted:  # the line that says how the input was handled
+        lines = [line.strip() for line in output.splitlines() if case.expect[-1].lower() in line.lower()]
+        message = lines[-1] if lines else error_line(output)
+        clear = done.returncode == 0 and all(word.lower() in message.lower() for word in case.expect)
+    else:
+        message = error_line(done.stderr or done.stdout)
+        clear = (done.returncode != 0 and "Traceback" not in output
+                 and all(word.lower() in message.lower() for word in case.expect))
     return {"group": case.group, "case": case.name, "exit_code": done.returncode, "message": message,
             "clear": clear, "seconds": round(time.perf_counter() - start, 1)}
 
