@@ -37,6 +37,7 @@ from monai_cxr_ssl.checkpoints import read_state_dict
 from monai_cxr_ssl.data.readers import ImageReadError
 from monai_cxr_ssl.data.splits import load_split, subsample
 from monai_cxr_ssl.evaluation import youden_threshold
+from monai_cxr_ssl.networks.densenet import HEADS
 from monai_cxr_ssl.probabilities import KINDS as PROBABILITY_KINDS
 from monai_cxr_ssl.probabilities import num_logits
 from monai_cxr_ssl.utils import read_json
@@ -196,11 +197,14 @@ def checkpoint_thresholds(ckpt_path: str | os.PathLike, class_names: Sequence[st
 
 
 def _network(num_classes: int, state: dict[str, torch.Tensor], ckpt: Path, probabilities: str = "sigmoid",
-             ) -> torch.nn.Module:
-    """The bundle's network with the checkpoint's weights, in eval mode, ending with its probability layer."""
+             head: dict | None = None) -> torch.nn.Module:
+    """The bundle's network with the checkpoint's weights, in eval mode, ending with its probability layer;
+    ``head``: the model metadata's (``{"kind": "linear"}`` or ``{"kind": "mlp", "hidden": n}``)."""
     from monai_cxr_ssl.networks import CXRDenseNet121
 
-    net = CXRDenseNet121(num_classes=num_logits(num_classes, probabilities), probabilities=probabilities)
+    head = head or {"kind": "linear"}
+    net = CXRDenseNet121(num_classes=num_logits(num_classes, probabilities), probabilities=probabilities,
+                         head=head["kind"], **({"head_hidden": head["hidden"]} if "hidden" in head else {}))
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
@@ -296,6 +300,11 @@ def model_metadata(
     kind = config_value(config, "probabilities", source) if "probabilities" in config else "sigmoid"
     if kind not in PROBABILITY_KINDS:
         raise ValueError(f"{source}: probabilities is {kind!r}, expected one of {', '.join(PROBABILITY_KINDS)}.")
+    head = {"kind": config_value(config, "head", source) if "head" in config else "linear"}
+    if head["kind"] not in HEADS:
+        raise ValueError(f"{source}: head is {head['kind']!r}, expected one of {', '.join(HEADS)}.")
+    if head["kind"] == "mlp":
+        head["hidden"] = _int_value(config, "head_hidden", source)
 
     meta = read_json(DEFAULT_BUNDLE / "configs" / "metadata.json", "bundle metadata", "reinstall monai-cxr-ssl")
     image = meta["network_data_format"]["inputs"]["image"]
@@ -312,6 +321,7 @@ def model_metadata(
         "thresholds": thresholds,
         "thresholds_source": threshold_source,
         "probabilities": kind,
+        "head": head,
         **(info or {}),
     }
     return meta
@@ -359,7 +369,7 @@ def export_model(
     meta = model_metadata(stage_dir, config, info, threshold, source)
     ckpt = stage_dir / "models" / "model.pt"
     info = meta["cxr_ssl"]
-    net = _network(len(info["classes"]), read_state_dict(ckpt), ckpt, info["probabilities"])
+    net = _network(len(info["classes"]), read_state_dict(ckpt), ckpt, info["probabilities"], info["head"])
     stats = None
     if ood_images:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -369,7 +379,8 @@ def export_model(
     inference = read_json(Path(bundle) / "configs" / EMBEDDED_CONFIG, "bundle inference config",
                           "reinstall monai-cxr-ssl")
     inference.update(num_classes=len(info["classes"]), image_size=info["image_size"], crop_size=info["crop_size"],
-                     class_names=info["classes"], probabilities=info["probabilities"])
+                     class_names=info["classes"], probabilities=info["probabilities"], head=info["head"]["kind"],
+                     head_hidden=info["head"].get("hidden", inference["head_hidden"]))
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         meta_file, config_file = os.path.join(tmp, "metadata.json"), os.path.join(tmp, EMBEDDED_CONFIG)

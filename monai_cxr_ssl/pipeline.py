@@ -149,6 +149,8 @@ class Pipeline:
                              "pipeline, not a stage setting: pass Pipeline(..., "
                              f"{', '.join(f'{k}={v!r}' for k, v in options.items())}).")
         self.common, self.per_kind = split_overrides(overrides)
+        if "linear_probe" in self.common:  # the teacher's setting: a method's own stages learn their whole network
+            self.per_kind[methods.TEACHER.name].setdefault("linear_probe", self.common.pop("linear_probe"))
         self.bundle = bundle
         self.sweep_run_id = parent_run_id
         self.echo = echo
@@ -162,7 +164,10 @@ class Pipeline:
         self.pretrain = pretrain
         self.steps = methods.with_pretraining(list(steps) if steps is not None else plan(rounds, self.method),
                                               pretrain)
-        parser = make_workflow([methods.TEACHER.config, *self.overlays], bundle, **self.common).parser
+        teacher = {**self.common, **self.per_kind[methods.TEACHER.name]}
+        parser = make_workflow([methods.TEACHER.config, *self.overlays], bundle, **teacher).parser
+        if parser.get_parsed_content("linear_probe"):
+            self.steps = methods.as_linear_probe(self.steps, pretrain)
         self.output_dir = Path(parser.get_parsed_content("output_dir"))
         self.split_file = Path(parser.get_parsed_content("split_file"))
         self.labeled_fraction = parser.get_parsed_content("labeled_fraction")

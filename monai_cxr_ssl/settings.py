@@ -66,6 +66,10 @@ RULES: dict[str, Rule] = {
     "max_unlabeled": whole(1, nullable=True),
     "use_labeled_images": BOOL,  # a stage without labels (label_free.json) learns from the labeled images too
     "probabilities": choice(*PROBABILITY_KINDS),
+    "linear_probe": BOOL,  # the teacher trains only a new head on its frozen (pre-trained) encoder
+    "head": choice("linear", "mlp"),  # networks.densenet.HEADS, not imported: torch stays off the CLI's start path
+    "head_hidden": whole(1),
+    "head_dropout": interval(0, 1, True, False),
     # AALS (``monai_cxr_ssl.sharpening``): the mean teacher's targets and the pseudo-labels' optional sharpening
     "aals_t": interval(0, 1, False, False),
     "aals_a0": at_least(1),

@@ -92,8 +92,11 @@ def test_readme_commands_run_as_written(tmp_path):
             assert "Not all config files are in" not in said and "Current stack size" not in said, said[:3000]
     for path in ("eval/teacher/models/model.pt", "runs/ts_l5/table1.md", "runs/mt_l5/table1.md",
                  "runs/mt_own/table1.md", "runs/simclr_l5/simclr/models/model.pt", "runs/simclr_l5/table1.md",
+                 "runs/simclr_probe_l5/table1.md",
                  "runs/sweep/table1.md", "runs/sweep/mlflow.db", "runs/compare/comparison.csv", "model.ts",
                  "runs/deploy/result.json"):
         assert (workdir / path).is_file(), (path, done.stdout[-3000:])
+    assert "| labeled | seeds | simclr linear probe | simclr + intermediate |" in (
+        workdir / "runs" / "simclr_probe_l5" / "table1.md").read_text()
     assert not (workdir / "mlflow.db").exists()  # every store is in its run's folder
     assert "| 10% |" in (workdir / "runs" / "compare" / "comparison.md").read_text()

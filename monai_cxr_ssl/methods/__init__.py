@@ -35,6 +35,7 @@ __all__ = [
 DEFAULT_METHOD = "teacher_student"
 TEACHER_STAGE = "teacher"  # the stage folder of the supervised teacher every method starts from
 TEACHER_COLUMN = "teacher"
+LINEAR_PROBE_COLUMN = "linear probe"  # the teacher's column when it is a linear probe (``linear_probe``)
 ENCODER_INIT = "encoder_init"  # train.json's id: a checkpoint whose encoder initialises the network
 _COMPOSED = " + "  # joins a pre-training and a model in a Table I column (``composed_column``)
 LABEL_FREE_CONFIG = "label_free.json"  # the overlay of every stage kind without labels (``StageKind.labels``)
@@ -331,6 +332,13 @@ def with_pretraining(steps: list[Step], pretrain: str | None) -> list[Step]:
     return [first, *steps]
 
 
+def as_linear_probe(steps: list[Step], pretrain: str | None) -> list[Step]:
+    """``steps`` with the teacher's evaluation in the linear probe's column (``simclr linear probe``, or ``linear
+    probe`` without pre-training): a teacher with ``linear_probe`` set trains only a head on a frozen encoder."""
+    column = f"{pretrain} {LINEAR_PROBE_COLUMN}" if pretrain else LINEAR_PROBE_COLUMN
+    return [dataclasses.replace(s, column=column) if s.column and s.stage == TEACHER_STAGE else s for s in steps]
+
+
 def plan(rounds: int = 1, method: str | None = None, pretrain: str | None = None) -> list[Step]:
     """The steps of ``method`` (``names()``, default ``DEFAULT_METHOD``): the teacher and its evaluation, then the
     method's steps for ``rounds`` rounds, after the pre-training stage ``pretrain`` when one is given."""
@@ -372,7 +380,7 @@ def column_order(column: str) -> tuple:
     registered (and each orders its own), then other columns by name; a composed column (``simclr + teacher``)
     follows its model's plain one."""
     pretrain, _, model = column.rpartition(_COMPOSED)
-    if column == TEACHER_COLUMN or model == TEACHER_COLUMN:
+    if column == TEACHER_COLUMN or model == TEACHER_COLUMN or column.endswith(LINEAR_PROBE_COLUMN):
         return (0, (), pretrain, column)
     for i, method in enumerate(_METHODS.values(), 1):
         rank = method.order_of(model)

@@ -14,7 +14,9 @@ from torch import nn
 
 from monai_cxr_ssl.probabilities import probability_layer
 
-__all__ = ["CXRDenseNet121", "encoder_state_dict", "load_encoder", "load_imagenet_weights"]
+__all__ = ["HEADS", "CXRDenseNet121", "encoder_state_dict", "load_encoder", "load_imagenet_weights"]
+
+HEADS = ("linear", "mlp")  # the classification heads CXRDenseNet121 can end with
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -211,6 +213,12 @@ class CXRDenseNet121(DenseNet121):
             ``monai_cxr_ssl.probabilities.KINDS``): the network ends with that probability layer and returns
             per-class probabilities. The layer has no parameters: a checkpoint loads either way. Exported models use
             it, so that a deployed TorchScript file gives what its metadata promises.
+        head: ``"linear"`` (one fully connected layer, the teacher-student paper's) or ``"mlp"`` (seed 003's
+            downstream head: dropout, ``head_hidden`` units with ReLU, dropout, the output layer).
+        head_hidden: the MLP head's hidden units (seed 003 does not give them).
+        head_dropout: the MLP head's dropout probability, before each of its two layers.
+        frozen_encoder: a linear probe: the encoder (``features``) takes no gradient and stays in eval mode (its
+            BatchNorm statistics frozen) when the network trains; only the head learns.
         kwargs: further :class:`monai.networks.nets.DenseNet` arguments, e.g. ``dropout_prob``.
     """
 
@@ -221,6 +229,10 @@ class CXRDenseNet121(DenseNet121):
         pretrained_weights: str | os.PathLike | None = None,
         probabilities: str | None = None,
         encoder_init: str | os.PathLike | None = None,
+        head: str = "linear",
+        head_hidden: int = 512,
+        head_dropout: float = 0.2,
+        frozen_encoder: bool = False,
         **kwargs: Any,
     ) -> None:
         if kwargs.pop("pretrained", False):
@@ -228,13 +240,30 @@ class CXRDenseNet121(DenseNet121):
                 "CXRDenseNet121 never downloads weights: drop pretrained=True and pass "
                 "pretrained_weights=<path of a local torchvision DenseNet121 state dict>."
             )
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}.")
         super().__init__(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, **kwargs)
+        if head == "mlp":
+            features = self.class_layers.out.in_features
+            self.class_layers.out = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(features, head_hidden), nn.ReLU(),
+                                                  nn.Dropout(head_dropout), nn.Linear(head_hidden, num_classes))
+        self.frozen_encoder = frozen_encoder
         if pretrained_weights is not None:
             load_imagenet_weights(self, pretrained_weights)
         if encoder_init is not None:
             load_encoder(self, encoder_init)
         if probabilities is not None:
             self.class_layers.add_module(probabilities, probability_layer(probabilities))
+        if frozen_encoder:
+            self.features.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> CXRDenseNet121:
+        """Set the training mode; a frozen encoder stays in eval mode (a linear probe's BatchNorm statistics are
+        the pre-trained encoder's)."""
+        super().train(mode)
+        if self.frozen_encoder:
+            self.features.eval()
+        return self
 
     @torch.jit.export
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
