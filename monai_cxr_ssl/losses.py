@@ -84,3 +84,38 @@ class NTXentLoss(torch.nn.Module):
         mask = torch.zeros_like(logits, dtype=torch.bool)
         mask[torch.arange(2 * n, device=z1.device), own] = True
         return F.cross_entropy(logits.masked_fill(mask, float("-inf")), positive)
+
+
+class JointContrastiveLoss(torch.nn.Module):
+    """S²MTS²'s joint contrastive loss (seed 001; Cai et al.'s JCL): a query against the infinite set of its image's
+    positive keys, summarised by the mean μ and the biased covariance Σ of M key views, and a queue of negatives:
+
+        L = −q·μ/τ + log[exp(q·μ/τ + λ/(2τ²)·qᵀΣq) + Σ_j exp(q·n_j/τ)]
+
+    with the released S²MTS² code's convention λ/(2τ²) (JCL's own writes λ/(2τ)). ``q`` (B, D), ``keys`` (B, M, D)
+    and ``queue`` (K, D) are normalised by the caller (μ, a mean of unit keys, is not); the mean over the batch is
+    returned. Computed with a log-sum-exp: τ = 0.07 does not overflow. With M = 1 (Σ = 0) or λ = 0 the positive term
+    is MoCo's, and then with M = 1 the loss is InfoNCE. ``lam`` is an attribute: the stage ramps it over epochs.
+    """
+
+    def __init__(self, temperature: float = 0.07, lam: float = 1.0) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature (τ) must be > 0, got {temperature}.")
+        if not lam >= 0:
+            raise ValueError(f"lam (λ) must be >= 0, got {lam}.")
+        self.temperature = temperature
+        self.lam = lam
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+        if q.ndim != 2 or keys.ndim != 3 or queue.ndim != 2 or keys.shape[0] != q.shape[0] \
+                or keys.shape[2] != q.shape[1] or queue.shape[1] != q.shape[1] or keys.shape[1] < 1:
+            raise ValueError(f"JointContrastiveLoss needs q (B, D), keys (B, M, D) with M >= 1 and queue (K, D), got "
+                             f"{tuple(q.shape)}, {tuple(keys.shape)} and {tuple(queue.shape)}.")
+        tau = self.temperature
+        mu = keys.mean(dim=1)
+        spread = ((keys - mu[:, None]) * q[:, None]).sum(dim=2).pow(2).mean(dim=1)  # qᵀΣq, Σ biased (1/M)
+        aligned = (q * mu).sum(dim=1) / tau
+        positive = aligned + self.lam / (2 * tau**2) * spread
+        logits = torch.cat([positive[:, None], q @ queue.T / tau], dim=1)
+        return (torch.logsumexp(logits, dim=1) - aligned).mean()

@@ -69,3 +69,32 @@ def test_nt_xent_known_answers_on_one_process():
         NTXentLoss(temperature=0)
     with pytest.raises(ValueError, match="one pair has no negatives"):
         NTXentLoss()(z1[:1], z2[:1])
+
+
+def test_joint_contrastive_loss_known_answers_and_infonce():
+    from monai_cxr_ssl.losses import JointContrastiveLoss
+
+    # methods.md: q = (1, 0); key views (1, 0), (0, 1); queue (0, 1), (-1, 0); τ = 0.5: qᵀΣq = 0.25
+    q = torch.tensor([[1.0, 0.0]])
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    assert JointContrastiveLoss(temperature=0.5, lam=1.0)(q, keys, queue).item() == pytest.approx(0.725802, abs=1e-6)
+    assert JointContrastiveLoss(temperature=0.5, lam=0.0)(q, keys, queue).item() == pytest.approx(0.349012, abs=1e-6)
+
+    # one key view and λ = 0: MoCo's InfoNCE, the cross-entropy of the positive among [k, queue] (by hand here)
+    torch.manual_seed(0)
+    q, k, queue = (torch.nn.functional.normalize(torch.randn(*s), dim=-1) for s in ((6, 8), (6, 8), (20, 8)))
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / 0.07
+    infonce = torch.nn.functional.cross_entropy(logits, torch.zeros(6, dtype=torch.long))
+    loss = JointContrastiveLoss(temperature=0.07, lam=0.0)(q, k[:, None], queue)
+    torch.testing.assert_close(loss, infonce)
+    # with one key view Σ = 0: λ changes nothing
+    torch.testing.assert_close(JointContrastiveLoss(temperature=0.07, lam=5.0)(q, k[:, None], queue), infonce)
+    # τ = 0.01 on unit vectors: exp(100) would overflow float32, the log-sum-exp does not
+    assert torch.isfinite(JointContrastiveLoss(temperature=0.01, lam=2.0)(q, torch.stack([k, q], 1), queue))
+
+    for kwargs, message in (({"temperature": 0}, "temperature"), ({"lam": -1}, "lam")):
+        with pytest.raises(ValueError, match=message):
+            JointContrastiveLoss(**kwargs)
+    with pytest.raises(ValueError, match=r"keys \(B, M, D\) with M >= 1"):
+        JointContrastiveLoss()(q, k, queue)
