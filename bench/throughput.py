@@ -14,7 +14,10 @@
    ``losses.NTXentLoss`` against ``monai.losses.ContrastiveLoss`` at the same temperature, time and peak memory
    (each in a fresh process: its peak resident memory above what it held before the loss, Linux's VmHWM after
    resetting it);
-5. data: the bundle's training pre-processing (decode, resize, augment) on the real Kermany JPEGs,
+5. S²MTS²: the bundle's pre-training step (MONAI's ``SupervisedTrainer`` with the query view as input and the key
+   views as target, ``MomentumContrastLoss``: shuffled key forwards, the joint contrastive loss, the enqueue; the
+   key encoder's ``EMAHandler``) vs a plain PyTorch loop doing the same work; and the memory of a 65,536 x 128 queue;
+6. data: the bundle's training pre-processing (decode, resize, augment) on the real Kermany JPEGs,
    against the training throughput at the same size.
 
 Prints images/s and ratios; asserts nothing.  Example (CPU size of the real-data benchmarks):
@@ -215,6 +218,56 @@ def bench_simclr(args: argparse.Namespace) -> dict:
     return pair_figures(n, plain_s, engine_s)
 
 
+def bench_s2mts2(args: argparse.Namespace, key_views: int = 2) -> dict:
+    from monai_cxr_ssl.methods.s2mts2.engine import KeyQueue
+
+    g = torch.Generator().manual_seed(2)
+    views = ["image", *(f"image_{i + 2}" for i in range(key_views))]
+    items = [{v: torch.rand(1, args.crop_size, args.crop_size, generator=g) for v in views}
+             for _ in range(args.batch_size * args.iterations)]
+    loader = DataLoader(Dataset(items), batch_size=args.batch_size, shuffle=False, num_workers=0)
+    parser = bundle_parser(args, "train.json", "label_free.json", "simclr.json", "s2mts2_pretrain.json")
+    parser["network_def"] = {"_target_": "monai_cxr_ssl.networks.SimCLRNetwork"}
+    parser["train#dataloader"] = loader
+    parser["train#handlers"] = []  # the trainer keeps the key encoder's EMA, the λ ramp and the collapse warning
+    parser["queue_size"] = args.batch_size * args.iterations * 4
+    trainer = parser.get_parsed_content("train#trainer")
+    network, optimizer, loss_fn = (parser.get_parsed_content(k) for k in ("network", "optimizer", "loss"))
+    momentum = 1.0 - parser.get_parsed_content("key_momentum")
+    key_network, queue, joint = loss_fn.key_network, KeyQueue(parser.get_parsed_content("queue_size")), loss_fn.loss
+
+    def plain():  # the same work: query forward, shuffled key forwards without gradient, loss, step, EMA, enqueue
+        network.train()
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)
+            q = torch.nn.functional.normalize(network(batch["image"]), dim=1)
+            with torch.no_grad():
+                flat = torch.stack([batch[v] for v in views[1:]], dim=1).flatten(0, 1)
+                order = torch.randperm(len(flat))
+                encoded = torch.cat([key_network(flat[part]) for part in order.chunk(2)])
+                keys = torch.empty_like(encoded)
+                keys[order] = encoded
+                keys = torch.nn.functional.normalize(keys, dim=1).view(len(q), key_views, -1)
+            joint(q, keys, queue.entries.clone()).backward()
+            optimizer.step()
+            with torch.no_grad():
+                for e, m in zip(key_network.parameters(), network.parameters(), strict=True):
+                    e.mul_(1 - momentum).add_(m, alpha=momentum)
+                for e, m in zip(key_network.buffers(), network.buffers(), strict=True):
+                    if e.is_floating_point():
+                        e.mul_(1 - momentum).add_(m, alpha=momentum)
+                queue.enqueue(keys.mean(dim=1))
+
+    n = len(loader.dataset)
+    plain_s, engine_s = timed_pair(plain, one_more_epoch(trainer), args.repeats)
+    full = KeyQueue(65536, 128)
+    queue_mb = sum(b.numel() * b.element_size() for b in full.buffers()) / 2**20
+    print(f"s2mts2     plain PyTorch loop : {n / plain_s:8.1f} images/s (1 query + {key_views} key views each)")
+    print(f"s2mts2     bundle trainer     : {n / engine_s:8.1f} images/s   engine/plain = {plain_s / engine_s:.3f}")
+    print(f"s2mts2     queue of 65,536 x 128 : {queue_mb:.1f} MiB")
+    return {**pair_figures(n, plain_s, engine_s), "key_views": key_views, "queue_65536x128_mib": round(queue_mb, 1)}
+
+
 _LOSS_RUN = """
 import json, sys, time, torch
 from monai.losses import ContrastiveLoss
@@ -292,17 +345,26 @@ def main() -> None:
     cli.add_argument("--data-images", type=int, default=1000)
     cli.add_argument("--workers", type=int, default=2)
     cli.add_argument("--threads", type=int, default=torch.get_num_threads())
+    cli.add_argument("--only", nargs="*", default=None, metavar="PART",
+                     help="run these parts only (training, ten-crop, mean-teacher, simclr, s2mts2, contrastive-loss), "
+                     "keeping the other figures of bench/results/throughput.json")
     args = cli.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, image {args.image_size}, crop {args.crop_size}, "
           f"batch {args.batch_size}")
-    figures = {"training": bench_training(args), "ten-crop": bench_tta(args),
-               "mean-teacher": bench_mean_teacher(args), "simclr": bench_simclr(args),
-               "contrastive-loss": bench_contrastive_loss(args)}
-    data = bench_data(args, figures["training"]["engine_images_per_s"])
-    if data:
-        figures["data"] = data
+    benches = {"training": bench_training, "ten-crop": bench_tta, "mean-teacher": bench_mean_teacher,
+               "simclr": bench_simclr, "s2mts2": bench_s2mts2, "contrastive-loss": bench_contrastive_loss}
+    if args.only:  # the other figures stay as the last full run wrote them
+        import json
+
+        figures = json.loads((REPO / "bench" / "results" / "throughput.json").read_text())["figures"]
+        figures.update({name: benches[name](args) for name in args.only})
+    else:
+        figures = {name: bench(args) for name, bench in benches.items()}
+        data = bench_data(args, figures["training"]["engine_images_per_s"])
+        if data:
+            figures["data"] = data
     write_results(__file__, figures, vars(args))
 
 

@@ -3,6 +3,8 @@
 - ``Checksums``: a trainer handler (overlay ``tests/data/ddp_probe.json``) that, after every epoch, all-gathers a
   checksum of the student and of the EMA teacher from every rank; rank 0 appends them to ``<probe_file>.jsonl``. Every
   rank also writes its pid to ``<probe_file>.rank<r>.pid`` when training starts (the test kills one rank).
+- ``QueueLog``: a trainer handler (overlay ``tests/data/queue_probe.json``) that keeps, after every step, the S²MTS²
+  queue and this rank's key means; each rank saves them to ``<probe_file>.rank<r>.pt``.
 - ``python tests/ddp_probe.py <out>`` under torchrun: NT-Xent case C (``CASE_C``, τ = 0.1; its known answers are in
   docs/distributed.md) split over the ranks, with and without gathered negatives, and the DDP gradients of a linear
   map that makes the embeddings.
@@ -82,3 +84,25 @@ def _case_c(out: str) -> None:
 
 if __name__ == "__main__":
     _case_c(sys.argv[1])
+
+
+class QueueLog:
+    """A trainer handler (overlay ``tests/data/queue_probe.json``) that records, after every iteration, this rank's
+    key means of the step and the whole queue with its pointer; every rank saves its list to
+    ``<probe_file>.rank<r>.pt`` when training completes."""
+
+    def __init__(self, probe_file: str, loss: torch.nn.Module) -> None:
+        self.probe_file, self.loss, self.steps = probe_file, loss, []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._record)
+        engine.add_event_handler(Events.COMPLETED, self._save)
+
+    def _record(self, engine: Engine) -> None:
+        queue = self.loss.queue
+        self.steps.append({"means": self.loss.means.detach().cpu().clone(), "keys": queue.keys.detach().cpu().clone(),
+                           "pointer": int(queue.pointer), "filled": int(queue.filled)})
+
+    def _save(self, engine: Engine) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(self.steps, f"{self.probe_file}.rank{rank}.pt")

@@ -194,7 +194,8 @@ def test_pipeline_compare_and_export_run_the_toy_method_after_a_pre_training(toy
 
 
 def test_unknown_pretraining_names_the_registered_ones(toy):
-    with pytest.raises(ValueError, match=r"pretrain must be one of \['simclr', 'toy_rotation'\], got 'byol'"):
+    with pytest.raises(ValueError, match=r"pretrain must be one of \['simclr', 's2mts2_pretrain', 'toy_rotation'\], "
+                                         "got 'byol'"):
         methods.plan(method="toy", pretrain="byol")
 
 

@@ -114,7 +114,7 @@ def test_two_views_differ_and_follow_the_seed(data, tmp_path):
     ({"temperature": 0}, "temperature=0 must be a number > 0"),
     ({"view_crop_scale": [0.5, 1.5]}, r"view_crop_scale=\[0.5, 1.5\] must be a range \[a, b\] with 0 < a <= b <= 1"),
     ({"batch_size": 1}, "batch_size=1: training needs at least 2 images per batch"),
-    ({"batch_size": 64}, "SimCLR has 36 images to learn from, fewer than one batch"),
+    ({"batch_size": 64}, "the stage has 36 images to learn from without labels, fewer than one batch"),
 ])
 def test_bad_settings_stop_before_any_work(data, tmp_path, setting, message):
     from monai_cxr_ssl.launch import run_bundle

@@ -390,5 +390,5 @@ def column_order(column: str) -> tuple:
 
 
 # The methods shipped with the package register themselves on import, in this order: Table I's column order.
-for _module in ("teacher_student", "mean_teacher", "simclr"):
+for _module in ("teacher_student", "mean_teacher", "simclr", "s2mts2"):
     importlib.import_module(f"{__name__}.{_module}")

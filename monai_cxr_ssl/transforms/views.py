@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 from monai.transforms import MapTransform, Randomizable
@@ -12,7 +12,8 @@ __all__ = ["TwoViewsd"]
 
 class TwoViewsd(Randomizable, MapTransform):
     """Apply the random ``transform`` twice, independently: once for ``key`` (the student's view) and once more for
-    ``view_key`` (the teacher's view), so that the two networks see differently augmented copies of the image.
+    ``view_key`` (the teacher's view), so that the two networks see differently augmented copies of the image. A
+    list of view keys gets one independent view each (S²MTS²'s M key views).
 
     With ``separate=False`` the transform runs once and no second view is added: the teacher sees the student's
     view (``MeanTeacherTrainer`` falls back to ``key``).
@@ -22,12 +23,13 @@ class TwoViewsd(Randomizable, MapTransform):
         self,
         transform: Callable[[dict], dict],
         key: Hashable = "image",
-        view_key: Hashable = "image_teacher",
+        view_key: Hashable | Sequence[Hashable] = "image_teacher",
         separate: bool = True,
     ) -> None:
         MapTransform.__init__(self, keys=key)
         self.transform = transform
-        self.key, self.view_key, self.separate = key, view_key, separate
+        self.key, self.separate = key, separate
+        self.view_keys = [view_key] if isinstance(view_key, str) else list(view_key)
 
     def set_random_state(self, seed: int | None = None, state: Any = None) -> TwoViewsd:
         """Seed the wrapped transform (MONAI's data loaders seed each worker this way)."""
@@ -41,5 +43,6 @@ class TwoViewsd(Randomizable, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         student = self.transform(dict(data))
         if self.separate:
-            student[self.view_key] = self.transform(dict(data))[self.key]
+            for view_key in self.view_keys:
+                student[view_key] = self.transform(dict(data))[self.key]
         return student

@@ -61,9 +61,11 @@ def contrastive_accuracy(z: torch.Tensor) -> torch.Tensor:
 
 
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
-    """The mean over dimensions of the standard deviation of the L2-normalised embeddings ``z`` (2N, D) over the
+    """The mean over dimensions of the standard deviation of the L2-normalised embeddings ``z`` (N, D) over the
     batch: about 1/√D when they spread over the sphere, 0 when they collapse to one point."""
-    return _views(z).std(dim=0).mean()
+    if z.ndim != 2 or len(z) < 2:
+        raise ValueError(f"expected (N, D) embeddings of N >= 2 images, got {tuple(z.shape)}.")
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
 class CollapseWarning:
@@ -89,5 +91,5 @@ def check_batches(batch_size: int, num_images: int) -> None:
     """Refuse, before any work, fewer images than one batch (the shared settings' check refuses a batch of one,
     which would have no negatives)."""
     if num_images < batch_size:
-        raise ValueError(f"SimCLR has {num_images} images to learn from, fewer than one batch (batch_size="
-                         f"{batch_size}): add unlabeled images (unlabeled_source) or lower batch_size.")
+        raise ValueError(f"the stage has {num_images} images to learn from without labels, fewer than one batch "
+                         f"(batch_size={batch_size}): add unlabeled images (unlabeled_source) or lower batch_size.")
