@@ -39,6 +39,14 @@ class BernoulliKLDivLoss(torch.nn.Module):
         return kl.reshape(len(kl), -1).sum(dim=1).mean()
 
 
+class ProbabilityMSELoss(torch.nn.Module):
+    """The mean squared difference between the student's sigmoid probabilities and ``target`` (the EMA teacher's),
+    over every image and class: S²MTS²'s consistency (Tarvainen & Valpola's mean-teacher MSE)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (torch.sigmoid(logits) - target.to(logits.dtype)).pow(2).mean()
+
+
 class NTXentLoss(torch.nn.Module):
     """SimCLR's NT-Xent loss of two views ``z1``, ``z2`` (N, D) of N images: the mean over the 2N anchors of the
     cross-entropy of the anchor's positive (the other view of its image) among the 2N − 1 other embeddings, on cosine

@@ -256,3 +256,49 @@ def test_a_resumed_run_restores_the_teacher_and_ends_where_a_straight_run_does()
         for (name, a), b in zip(getattr(resumed, net).state_dict().items(),
                                 getattr(straight, net).state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{net}.{name}")
+
+
+def test_mse_consistency_on_every_image_by_hand():
+    """consistency=mse: the mean squared difference of the student's and the teacher's sigmoid probabilities over
+    the labeled and the unlabeled images of the step (AALS off), recomputed here from the two networks."""
+    from monai_cxr_ssl.losses import ProbabilityMSELoss
+
+    logits, target = torch.tensor([[0.0, 2.0], [-1.0, 1.0]]), torch.tensor([[0.25, 1.0], [0.5, 0.5]])
+    s = torch.sigmoid(logits)
+    assert ProbabilityMSELoss()(logits, target).item() == pytest.approx(float(((s - target) ** 2).mean()))
+    assert ProbabilityMSELoss()(torch.zeros(1, 1), torch.tensor([[0.5]])).item() == 0.0
+
+    student = _plain_net(0)
+    unlabeled = _items(4, 1, labeled=False)
+    trainer = _trainer(student, unlabeled, consistency="mse", aals_a0=1.0, ema_decay=0.9,
+                       loss_function=torch.nn.BCEWithLogitsLoss())
+    labeled = torch.stack([it["image"] for it in _items(8, 0)[:4]])
+    images = torch.cat([labeled, torch.stack([it["image"] for it in unlabeled])])
+    with torch.no_grad():  # before the step the teacher is a copy of the student
+        expected = ((torch.sigmoid(student(images)) - torch.sigmoid(copy.deepcopy(student)(images))) ** 2).mean()
+        teacher = copy.deepcopy(student)
+        for p in teacher.parameters():
+            p.add_(0.05)
+        expected_moved = ((torch.sigmoid(student(images)) - torch.sigmoid(teacher(images))) ** 2).mean()
+    trainer.teacher_network.load_state_dict(teacher.state_dict())
+    trainer.run()
+    assert float(trainer.state.output["consistency_loss"]) == pytest.approx(float(expected_moved), rel=1e-5)
+    assert float(expected) == 0.0 and float(expected_moved) > 0.0
+    with pytest.raises(ValueError, match="consistency must be one of kl, mse"):
+        _trainer(_net(), unlabeled, consistency="l1")
+
+
+def test_linear_rampup_is_epoch_over_epochs():
+    from monai_cxr_ssl.methods.mean_teacher.engine import linear_rampup
+
+    student = _net(0)
+    trainer = _trainer(student, _items(6, 1, labeled=False), max_epochs=4, epoch_length=2, rampup_epochs=4,
+                       rampup="linear", consistency_weight=2.0)
+    weights = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: weights.append(e.state.output["consistency_weight"]))
+    trainer.run()
+    assert weights == [0.5, 0.5, 1.0, 1.0, 1.5, 1.5, 2.0, 2.0]  # 2 × epoch / 4, per epoch
+    assert linear_rampup(6, 4) == 1.0 and linear_rampup(1, 0) == 1.0
+    with pytest.raises(ValueError, match="consistency_rampup must be one of sigmoid, linear"):
+        _trainer(student, _items(6, 1, labeled=False), rampup="cosine")

@@ -124,6 +124,22 @@ def test_the_teacher_is_the_ema_model_made_from_the_loaded_teacher_checkpoint(te
         torch.testing.assert_close(value.cpu(), expected[name], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(network.state_dict()[name].cpu(), expected[name], rtol=0, atol=0, msg=name)
     assert ema.momentum == pytest.approx(1 - 0.999)
+    assert (trainer.consistency, trainer.rampup) == ("kl", "sigmoid")  # Wang et al.'s mean teacher by default
+
+
+def test_the_mse_consistency_and_linear_ramp_reach_the_trainer(teacher):
+    from monai_cxr_ssl.losses import ProbabilityMSELoss
+    from monai_cxr_ssl.workflow import make_workflow
+
+    root, settings = teacher
+    overrides = {**settings, "output_dir": str(root / "mse"), "bundle_root": str(cli.DEFAULT_BUNDLE),
+                 "consistency": "mse", "consistency_rampup": "linear", "cache_rate": 0.0,
+                 "init_ckpt": str(settings["output_dir"] / "teacher" / "models" / "model.pt")}
+    workflow = make_workflow(["mean_teacher", "demo"], **{k: str(v) if not isinstance(v, int | float) else v
+                                                         for k, v in overrides.items()})
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert (trainer.consistency, trainer.rampup) == ("mse", "linear")
+    assert isinstance(trainer.consistency_loss, ProbabilityMSELoss)
 
 
 @pytest.mark.parametrize(
@@ -134,6 +150,8 @@ def test_the_teacher_is_the_ema_model_made_from_the_loaded_teacher_checkpoint(te
         ("ema_decay=1.0", "setting ema_decay=1.0 must be a number in (0, 1)"),
         ("ema_decay=0", "setting ema_decay=0 must be a number in (0, 1)"),
         ("weak_label_column=report", "missing column(s) ['report']"),
+        ("consistency=l2", "setting consistency='l2' must be one of 'kl', 'mse'"),
+        ("consistency_rampup=cosine", "setting consistency_rampup='cosine' must be one of 'sigmoid', 'linear'"),
     ],
 )
 def test_bad_settings_fail_with_a_clear_message(teacher, setting, message, capsys):

@@ -55,6 +55,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self._unlabeled: Iterator | None = None
         self._batch: dict | None = None
         self._unlabeled_pred: torch.Tensor | None = None
+        self.labeled_pred: torch.Tensor | None = None  # the student's logits on the step's labeled batch, for the hook
         if unlabeled_data_loader is not None:
             self.inferer, self.loss_function = self._forward, self._loss  # type: ignore[assignment]
             self.add_event_handler(Events.EPOCH_STARTED, self._restart_unlabeled)
@@ -110,8 +111,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def _loss(self, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The labeled loss plus the hook's term; records both parts in the iteration output."""
         supervised = self.labeled_loss(pred, targets).mean()
+        self.labeled_pred = pred
         term, outputs = self.unlabeled_loss(self, self.state.output[Keys.IMAGE], self._batch, self._unlabeled_pred)
         self.state.output.update(outputs, supervised_loss=supervised.detach())
-        self._batch = self._unlabeled_pred = None
+        self._batch = self._unlabeled_pred = self.labeled_pred = None
         return supervised + term
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from monai_cxr_ssl.methods import TEACHER_STAGE, Command, Method, StageKind, Step, evaluation, register
-from monai_cxr_ssl.rules import BOOL, NON_NEGATIVE, interval, whole
+from monai_cxr_ssl.rules import BOOL, NON_NEGATIVE, choice, interval, whole
 
 MEAN_TEACHER = StageKind("mean_teacher", ("train.json", "mean_teacher.json"), reads="init_stage",
                          epochs="mean_teacher_epochs", unlabeled=True, rules={
                              "ema_decay": interval(0, 1, False, False),
+                             "consistency": choice("kl", "mse"),
                              "consistency_weight": NON_NEGATIVE,
+                             "consistency_rampup": choice("sigmoid", "linear"),
                              "rampup_epochs": whole(0),
                              "aals_per_image": BOOL,
                              "separate_views": BOOL,

@@ -22,14 +22,17 @@ from monai.networks.utils import eval_mode
 from monai.utils.enums import CommonKeys as Keys
 
 from monai_cxr_ssl.engines.semi_supervised import SemiSupervisedTrainer
-from monai_cxr_ssl.losses import BernoulliKLDivLoss
+from monai_cxr_ssl.losses import BernoulliKLDivLoss, ProbabilityMSELoss
 from monai_cxr_ssl.probabilities import check_kind
 from monai_cxr_ssl.probabilities import probabilities as class_probabilities
 from monai_cxr_ssl.sharpening import aals, check_aals_parameters, sharpening_strength
 
-__all__ = ["MeanTeacherEvaluator", "MeanTeacherTrainer", "check_ema_decay", "sigmoid_rampup", "teacher_ema"]
+__all__ = ["CONSISTENCIES", "RAMPUPS", "MeanTeacherEvaluator", "MeanTeacherTrainer", "check_ema_decay",
+           "linear_rampup", "sigmoid_rampup", "teacher_ema"]
 
 TEACHER_VIEW = "image_teacher"  # the unlabeled batch's teacher view (``transforms.TwoViewsd``); else "image"
+CONSISTENCIES = ("kl", "mse")  # the consistency terms MeanTeacherTrainer computes
+RAMPUPS = ("sigmoid", "linear")  # how its weight rises
 SHARPEN_MASK = "sharpen"  # per item and class: 1 where AALS applies (``data.weak_labels``); absent: everywhere
 
 
@@ -49,6 +52,12 @@ def teacher_ema(network: torch.nn.Module, ema_decay: float) -> EMAHandler:
     the floating-point buffers (BatchNorm statistics; the batch counters follow the student's)."""
     check_ema_decay(ema_decay)
     return EMAHandler(network, momentum=1.0 - ema_decay, handle_buffers="update")
+
+
+def linear_rampup(epoch: int, epochs: float) -> float:
+    """``epoch / epochs`` clipped to [0, 1] (epochs counted from 1): S²MTS²'s w = epoch / epochs; 1 when ``epochs``
+    is 0."""
+    return 1.0 if epochs <= 0 else min(max(epoch / epochs, 0.0), 1.0)
 
 
 def sigmoid_rampup(step: float, length: float) -> float:
@@ -73,7 +82,12 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         rampup_epochs: epochs over which the weight rises from 0 (sigmoid ramp-up); 0 for none.
         aals_t, aals_a0: AALS centre and strength (``sharpening.aals``); ``aals_a0=1`` turns sharpening off.
         aals_per_image: one AALS strength per image (max over classes) instead of per class.
-        consistency_loss: the distillation loss ``(student_logits, teacher_targets)``; default Bernoulli KL.
+        consistency_loss: the distillation loss ``(student_logits, teacher_targets)``; default: ``consistency``'s.
+        consistency: ``"kl"`` (the Bernoulli KL to the AALS-sharpened targets on the unlabeled images, Wang et al.)
+            or ``"mse"`` (the squared difference of student and teacher probabilities on every image of the step,
+            labeled and unlabeled: S²MTS²'s fine-tuning).
+        rampup: ``"sigmoid"`` (over ``rampup_epochs``, per iteration) or ``"linear"`` (weight × epoch /
+            ``rampup_epochs``, per epoch: S²MTS²'s w = epoch / epochs).
         probabilities: how the teacher's logits become its probabilities (``monai_cxr_ssl.probabilities.KINDS``);
             another than ``"sigmoid"`` needs a ``consistency_loss`` for such targets.
         kwargs: the rest of ``SupervisedTrainer``'s arguments (``network``, ``optimizer``, ``loss_function`` for
@@ -95,9 +109,15 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         aals_per_image: bool = False,
         consistency_loss: torch.nn.Module | None = None,
         probabilities: str = "sigmoid",
+        consistency: str = "kl",
+        rampup: str = "sigmoid",
         **kwargs: Any,
     ) -> None:
         check_aals_parameters(aals_t, aals_a0)
+        if consistency not in CONSISTENCIES:
+            raise ValueError(f"consistency must be one of {', '.join(CONSISTENCIES)}, got {consistency!r}.")
+        if rampup not in RAMPUPS:
+            raise ValueError(f"consistency_rampup must be one of {', '.join(RAMPUPS)}, got {rampup!r}.")
         if consistency_weight < 0:
             raise ValueError(f"consistency_weight must be >= 0, got {consistency_weight}.")
         if rampup_epochs < 0:
@@ -112,13 +132,17 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         self.consistency_weight = consistency_weight
         self.rampup_epochs = rampup_epochs
         self.aals_t, self.aals_a0, self.aals_per_image = aals_t, aals_a0, aals_per_image
-        self.consistency_loss = BernoulliKLDivLoss() if consistency_loss is None else consistency_loss
+        default = BernoulliKLDivLoss() if consistency == "kl" else ProbabilityMSELoss()
+        self.consistency_loss = default if consistency_loss is None else consistency_loss
+        self.consistency, self.rampup = consistency, rampup
         self.probabilities = probabilities
         for p in self.teacher_network.parameters():
             p.requires_grad_(False)
 
     def current_weight(self, engine: MeanTeacherTrainer) -> float:
         """The consistency weight at the current iteration (ramped up over ``rampup_epochs``)."""
+        if self.rampup == "linear":
+            return self.consistency_weight * linear_rampup(engine.state.epoch, self.rampup_epochs)
         epoch_length = engine.state.epoch_length or 1
         return self.consistency_weight * sigmoid_rampup(engine.state.iteration - 1, self.rampup_epochs * epoch_length)
 
@@ -140,10 +164,14 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
     ) -> tuple[torch.Tensor, dict]:
         """``w(t)`` times the consistency loss between the student's logits ``pred`` on the unlabeled images and the
         teacher's sharpened probabilities on its view of them."""
+        teacher_view = unlabeled.get(TEACHER_VIEW, unlabeled[Keys.IMAGE])
+        mask = unlabeled.get(SHARPEN_MASK)
+        if self.consistency == "mse":  # every image of the step: the labeled ones too
+            teacher_view, pred = torch.cat([inputs, teacher_view]), torch.cat([self.labeled_pred, pred])
+            mask = None if mask is None else torch.cat([torch.zeros(len(inputs), *mask.shape[1:]).to(mask), mask])
         with eval_mode(self.teacher_network):
-            logits = engine.student_inferer(unlabeled.get(TEACHER_VIEW, unlabeled[Keys.IMAGE]), self.teacher_network)
-        targets, stats = self.sharpened_targets(class_probabilities(logits.float(), self.probabilities),
-                                                unlabeled.get(SHARPEN_MASK))
+            logits = engine.student_inferer(teacher_view, self.teacher_network)
+        targets, stats = self.sharpened_targets(class_probabilities(logits.float(), self.probabilities), mask)
         consistency = self.consistency_loss(pred.float(), targets)
         weight = self.current_weight(engine)
         return weight * consistency, {**stats, "consistency_loss": consistency.detach(), "consistency_weight": weight}
