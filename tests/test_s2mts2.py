@@ -1,7 +1,8 @@
 """S²MTS² pre-training (``pretrain=s2mts2_pretrain``): the queue and the λ ramp by hand, the settings' checks, the
 queue on 2 gloo processes (the same on both ranks after every step, filled with every rank's key means in rank
 order), the stage resumed after SIGKILL equal to a straight run (query and key encoders, queue and pointer), and
-the mean-teacher method started from it. The joint contrastive loss's known answers are in test_losses.py."""
+the method s2mts2 on multi-label data killed during its fine-tuning. The joint contrastive loss's known answers are
+in test_losses.py; the MSE consistency's in test_mean_teacher.py."""
 
 from __future__ import annotations
 
@@ -148,15 +149,93 @@ def test_killed_stage_resumes_to_the_straight_run(data, tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_s2mts2_then_the_mean_teacher(data, tmp_path):
-    """``pretrain=s2mts2_pretrain method=mean_teacher`` end to end; the teacher (learning rate 1e-12) starts from
-    the query network's encoder, tensor by tensor."""
+    """``pretrain=s2mts2_pretrain method=mean_teacher`` end to end: the stage starts another method's teacher, its
+    columns composed."""
     from monai_cxr_ssl.pipeline import Pipeline
 
-    settings = _settings(data, tmp_path / "out", num_epochs=1, **{"teacher:learning_rate": 1e-12})
+    settings = _settings(data, tmp_path / "out", num_epochs=1)
     results = Pipeline(["demo"], settings, echo=lambda line: None, method="mean_teacher",
                        pretrain="s2mts2_pretrain").run()
     assert list(results["auroc"]) == ["s2mts2_pretrain + teacher", "s2mts2_pretrain + mean teacher"]
+    assert results["pretrain"] == "s2mts2_pretrain" and (tmp_path / "out" / "results-s2mts2_pretrain-mean_teacher.json"
+                                                         ).is_file()
+
+
+def test_the_s2mts2_method_plans_its_own_pre_training():
+    from monai_cxr_ssl import methods
+
+    steps = methods.plan(method="s2mts2")
+    assert [s.name for s in steps] == ["s2mts2_pretrain", "teacher", "teacher/evaluate", "s2mts2", "s2mts2/evaluate"]
+    assert [s.column for s in steps if s.column] == ["s2mts2_pretrain + teacher", "s2mts2"]
+    fine_tuning = steps[3].settings
+    assert (fine_tuning["consistency"], fine_tuning["consistency_rampup"], fine_tuning["aals_a0"]) == (
+        "mse", "linear", 1.0)
+    with pytest.raises(ValueError, match="the s2mts2 method runs its own pre-training 's2mts2_pretrain'"):
+        methods.plan(method="s2mts2", pretrain="simclr")
+
+
+def _multi_label_csv(root: Path) -> Path:
+    """60 generated images, three classes: the generator's opacity and two others drawn at random."""
+    import numpy as np
+
+    from monai_cxr_ssl.data import make_synthetic_dataset
+
+    data = Path(make_synthetic_dataset(root / "images", n_train=60, n_test=2, image_size=40, prevalence=0.4, seed=8))
+    rng = np.random.default_rng(0)
+    rows = ["image,Opacity,Effusion,Nodule"]
+    for path in sorted((data / "train").glob("*/*.png")):
+        rows.append(f"{path.relative_to(data)},{int(path.parent.name == 'OPACITY')},{int(rng.random() < 0.4)},"
+                    f"{int(rng.random() < 0.3)}")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    return data / "labels.csv"
+
+
+@pytest.mark.slow
+def test_the_s2mts2_method_on_multi_label_data_killed_during_fine_tuning(tmp_path):
+    """``method=s2mts2`` end to end on three classes, killed (SIGKILL) after the fine-tuning's first epoch and
+    resumed; the test AUROC per class is scikit-learn's on the saved predictions, the mean over the defined ones. The
+    teacher (learning rate 1e-12) shows where it started: the query network's encoder, tensor by tensor."""
+    import json
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    source = {"_target_": "monai_cxr_ssl.data.CsvSource", "csv_path": str(_multi_label_csv(tmp_path)),
+              "label_columns": ["Opacity", "Effusion", "Nodule"]}
     out = tmp_path / "out"
+    settings = {**_settings(Path("unused"), out, num_epochs=1, mean_teacher_epochs=2, pause_file=tmp_path / "pause",
+                            pause_stage="s2mts2", method="s2mts2", **{"teacher:learning_rate": 1e-12}),
+                "datasource": json.dumps(source)}
+    del settings["dataset_dir"]
+    cmd = [*_cli("pipeline", "demo", str(PAUSE_AFTER_EPOCH_1), settings={}), *(f"{k}={v}" for k, v in
+                                                                           settings.items())]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT)
+    wait_for_pause(proc, tmp_path / "pause", log, timeout=600)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "s2mts2" / ".mean_teacher.done.json").exists()
+    done = run_processes(cmd, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    said = {line.split("] ", 1)[1].split(": ", 1)[0]: line.split(": ", 1)[1]
+            for line in done.stdout.splitlines() if line.startswith("[")}
+    assert all(said[s].startswith("done earlier") for s in ("s2mts2_pretrain", "teacher", "teacher/evaluate"))
+    assert said["s2mts2"].startswith("resuming an interrupted run") and said["s2mts2/evaluate"] == "running"
+
+    results = json.loads((out / "results-s2mts2.json").read_text())
+    assert list(results["auroc"]) == ["s2mts2_pretrain + teacher", "s2mts2"]
+    report = json.loads((out / "s2mts2" / "test_metrics.json").read_text())
+    saved = np.load(out / "s2mts2" / "test_predictions.npz")
+    classes = json.loads((out / "split.json").read_text())["classes"]
+    assert len(classes) == 3 and saved["probs"].shape[1] == 3
+    defined = [k for k in range(3) if 0 < saved["labels"][:, k].sum() < len(saved["labels"])]
+    for k, name in enumerate(classes):
+        expected = roc_auc_score(saved["labels"][:, k], saved["probs"][:, k]) if k in defined else None
+        assert report["auroc"][name] == pytest.approx(expected), name
+    assert results["auroc"]["s2mts2"] == pytest.approx(np.mean([report["auroc"][classes[k]] for k in defined]))
+    state = torch.load(out / "s2mts2" / "models" / "last.pt", weights_only=False)["trainer"]
+    assert state["iteration"] == 2 * state["epoch_length"]
     query = torch.load(out / "s2mts2_pretrain" / "models" / "model.pt", weights_only=True)
     teacher = torch.load(out / "teacher" / "models" / "model.pt", weights_only=True)
     encoder = [k for k in query if k.startswith("features.") and k.endswith((".weight", ".bias"))]

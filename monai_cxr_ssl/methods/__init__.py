@@ -147,6 +147,8 @@ class Method:
         column_order: a sort key among its columns, None for a column it does not rank (those follow every
             method's columns, by name); default: the order of the evaluations in ``steps(1)``.
         commands: its own CLI commands (``Command``), such as the mean teacher's AALS ablation.
+        pretrain: a registered pre-training stage that is part of the method (S²MTS²'s): its plan always starts with
+            it, and the method's own columns are not composed with its name (the teacher's is).
     """
 
     name: str
@@ -157,6 +159,7 @@ class Method:
     column_of: Callable[[str], str | None] | None = None
     column_order: Callable[[str], tuple | None] | None = None
     commands: tuple[Command, ...] = ()
+    pretrain: str | None = None
 
     @property
     def needs_unlabeled(self) -> bool:
@@ -349,7 +352,15 @@ def plan(rounds: int = 1, method: str | None = None, pretrain: str | None = None
         takes = [m.name for m in _METHODS.values() if m.rounds]
         raise ValueError(f"rounds applies to the {' and '.join(takes)} method{'' if len(takes) == 1 else 's'} "
                          f"only; the {entry.name} method runs once.")
-    return with_pretraining([*teacher_steps(), *entry.steps(rounds)], pretrain)
+    own = entry.pretrain
+    if own is not None and pretrain not in (None, own):
+        raise ValueError(f"the {entry.name} method runs its own pre-training {own!r}; drop pretrain={pretrain!r}.")
+    steps = with_pretraining([*teacher_steps(), *entry.steps(rounds)], pretrain or own)
+    if own is not None:  # the method's own pre-training: its columns name the method already
+        columns = {s.name: s.column for s in entry.steps(rounds)}
+        steps = [dataclasses.replace(s, column=columns[s.name]) if s.column and s.name in columns else s
+                 for s in steps]
+    return steps
 
 
 def columns(rounds: int = 1, method: str | None = None) -> list[str]:
