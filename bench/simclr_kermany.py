@@ -188,8 +188,13 @@ def main() -> None:
     plot(curves)
     minutes = (time.perf_counter() - start) / 60
     print(json.dumps(rows, indent=1))
-    write_results(__file__, {"rows": rows, "simclr_curves": curves, "nih_linear_probe": nih,
-                             "parts_minutes": {k: v["minutes"] for k, v in parts.done.items()},
+    epochs = [{"epoch": e + 1, **{k: v[e] for k, v in curves.items()}} for e in range(len(curves["train_loss"]))]
+    nih_rows = [{"class": name, "test AUROC (linear probe)": None if v is None else round(v, 3)}
+                for name, v in nih.get("auroc", {}).items()]
+    write_results(__file__, {"rows": rows, "simclr_epochs": epochs, "nih_linear_probe": nih_rows,
+                             "nih_linear_probe_mean_auroc": nih.get("mean_auroc"),
+                             "nih_left_out": ", ".join(nih.get("left_out", [])) or "none",
+                             "part_minutes": {k: v["minutes"] for k, v in parts.done.items()},
                              "minutes_this_run": round(minutes, 1)},
                   {**{k: str(v) for k, v in common.items()}, "lambdas": args.lambdas,
                    "simclr_epochs": args.simclr_epochs, "simclr_images": args.simclr_images,
