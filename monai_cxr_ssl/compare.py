@@ -25,7 +25,7 @@ import pandas as pd
 from monai_cxr_ssl import methods
 from monai_cxr_ssl.methods import column_of
 from monai_cxr_ssl.results import COLUMN_TAG, class_notes
-from monai_cxr_ssl.tracking import check_tracking_uri
+from monai_cxr_ssl.settings import check_tracking_uri
 from monai_cxr_ssl.utils import atomic_write
 
 __all__ = ["column_of", "comparison_notes", "comparison_table", "evaluation_runs", "format_markdown", "mixed_runs",

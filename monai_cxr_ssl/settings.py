@@ -20,12 +20,17 @@ from monai_cxr_ssl import methods
 from monai_cxr_ssl.probabilities import KINDS as PROBABILITY_KINDS
 from monai_cxr_ssl.rules import BOOL, POSITIVE, PROBABILITY, Rule, at_least, choice, interval, rule, whole
 
-__all__ = ["MIN_CROP_SIZE", "PATH_SETTINGS", "RULES", "all_rules", "check_override_keys", "check_settings",
-           "check_values", "config_ids", "stage_epochs"]
+__all__ = ["MIN_CROP_SIZE", "PATH_SETTINGS", "RULES", "TRACKING_SCHEMES", "all_rules", "check_override_keys",
+           "check_settings", "check_tracking_uri", "check_values", "config_ids", "stage_epochs"]
 
 # DenseNet121 down-samples by 32: a smaller crop has no pixels left before its last block.
 MIN_CROP_SIZE = 32
 
+
+# The URI schemes MLflow has a tracking store for (its own list, in the error an unknown scheme gets); plugins add
+# theirs under the "mlflow.tracking_store" entry points. Checked without MLflow: a client connects to the store.
+TRACKING_SCHEMES = {"", "file", "databricks", "databricks-uc", "uc", "http", "https", "postgresql", "mysql", "sqlite",
+                    "mssql"}
 
 # Settings that name a file or folder: an empty or blank one would silently mean the current folder or the root.
 PATH_SETTINGS = ("output_dir", "stage_dir", "ckpt_dir", "split_file", "dataset_dir", "bundle_root", "ckpt_path",
@@ -103,8 +108,6 @@ def check_values(values: Mapping[str, Any], where: str = "") -> None:
     if output_dir is not None:
         _check_folder(Path(output_dir), suffix)
     if "tracking_uri" in values:
-        from monai_cxr_ssl.tracking import check_tracking_uri
-
         check_tracking_uri(values["tracking_uri"], f"setting tracking_uri{suffix}")
 
 
@@ -116,6 +119,29 @@ def _check_folder(output_dir: Path, suffix: str) -> None:
     if blocking is not None:
         raise ValueError(f"setting output_dir={str(output_dir)!r}{suffix} lies under {blocking}, which is a file, "
                          "not a folder; choose a folder.")
+
+
+def check_tracking_uri(tracking_uri: Any, setting: str = "setting tracking_uri") -> None:
+    """Raise a ``ValueError`` naming ``setting`` (or ``MLFLOW_TRACKING_URI`` where that wins) when the tracking URI
+    cannot name an MLflow store: blank, a scheme MLflow has no store for, or a SQLite database that is a folder.
+    Checked before connecting: MLflow retries a SQLite file it cannot open for about two minutes."""
+    from importlib.metadata import entry_points
+    from urllib.parse import urlparse
+
+    name = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else setting
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (str(tracking_uri) if isinstance(tracking_uri, os.PathLike)
+                                                     else tracking_uri)  # MLflow's: the variable wins
+    hint = "give a folder, sqlite:///<file>.db or the http(s):// address of an MLflow server"
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError(f"{name}={uri!r} is empty; {hint}.")
+    scheme = urlparse(uri).scheme.split("+")[0]
+    known = TRACKING_SCHEMES | {e.name for e in entry_points(group="mlflow.tracking_store")}
+    if scheme not in known and len(scheme) > 1:  # one letter: a Windows drive
+        raise ValueError(f"{name}={uri!r}: MLflow has no tracking store for the scheme {scheme!r} (it has "
+                         f"{', '.join(sorted(s for s in known if s))}); {hint}.")
+    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).is_dir():
+        raise ValueError(f"{name}={uri!r}: {uri[len('sqlite:///'):]} is a folder, not a SQLite database file; "
+                         "give a file in it, e.g. sqlite:///" + str(Path(uri[len("sqlite:///"):]) / "mlflow.db") + ".")
 
 
 def check_settings(parser: Any, where: str = "", config: dict | None = None) -> None:

@@ -21,6 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.utils import path_to_uri
 
 from monai_cxr_ssl.locking import file_lock
+from monai_cxr_ssl.settings import check_tracking_uri
 from monai_cxr_ssl.utils import atomic_write, read_json, write_json
 
 logger = logging.getLogger("monai_cxr_ssl")
@@ -34,37 +35,12 @@ HTTP_SETTINGS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 _OUTAGE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
-# The URI schemes MLflow has a tracking store for (its own list, in the error an unknown scheme gets); plugins add
-# theirs under the "mlflow.tracking_store" entry points. Checked without a client: making one connects to the store.
-_SCHEMES = {"", "file", "databricks", "databricks-uc", "uc", "http", "https", "postgresql", "mysql", "sqlite", "mssql"}
 _stores_ready: set[str] = set()
 
 
 def effective_uri(tracking_uri: str) -> str:
     """The tracking URI MLflow will use: ``MLFLOW_TRACKING_URI`` wins, as in MONAI's ``MLFlowHandler``."""
     return os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
-
-
-def check_tracking_uri(tracking_uri: Any, setting: str = "setting tracking_uri") -> None:
-    """Raise a ``ValueError`` naming ``setting`` (or ``MLFLOW_TRACKING_URI`` where that wins) when the tracking URI
-    cannot name an MLflow store: blank, a scheme MLflow has no store for, or a SQLite database that is a folder.
-    Checked before connecting: MLflow retries a SQLite file it cannot open for about two minutes."""
-    from importlib.metadata import entry_points
-    from urllib.parse import urlparse
-
-    name = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else setting
-    uri = effective_uri(str(tracking_uri) if isinstance(tracking_uri, os.PathLike) else tracking_uri)
-    hint = "give a folder, sqlite:///<file>.db or the http(s):// address of an MLflow server"
-    if not isinstance(uri, str) or not uri.strip():
-        raise ValueError(f"{name}={uri!r} is empty; {hint}.")
-    scheme = urlparse(uri).scheme.split("+")[0]
-    known = _SCHEMES | {e.name for e in entry_points(group="mlflow.tracking_store")}
-    if scheme not in known and len(scheme) > 1:  # one letter: a Windows drive
-        raise ValueError(f"{name}={uri!r}: MLflow has no tracking store for the scheme {scheme!r} (it has "
-                         f"{', '.join(sorted(s for s in known if s))}); {hint}.")
-    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).is_dir():
-        raise ValueError(f"{name}={uri!r}: {uri[len('sqlite:///'):]} is a folder, not a SQLite database file; "
-                         "give a file in it, e.g. sqlite:///" + str(Path(uri[len("sqlite:///"):]) / "mlflow.db") + ".")
 
 
 def prepare_tracking(tracking_uri: str) -> None:

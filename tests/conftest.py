@@ -55,6 +55,29 @@ def wait_for_pause(proc: subprocess.Popen, pause_file: Path, log: Path | None = 
         time.sleep(0.05)
 
 
+def kill_after_epoch_1(cmd: list[str], cwd: Path, pause_file: Path, timeout: float = 600) -> None:
+    """Start ``cmd`` (run with ``PAUSE_AFTER_EPOCH_1`` and ``pause_file``), wait until it holds after epoch 1 and
+    kill it with SIGKILL: a run interrupted where nothing can clean up."""
+    log = Path(cwd) / "killed.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+    wait_for_pause(proc, pause_file, log, timeout=timeout)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def bundle_error(configs: list[str], settings: dict) -> BaseException:
+    """The error at the root of a bundle run's failure (an ``initialize`` step's arrives wrapped by MONAI)."""
+    from monai_cxr_ssl.launch import run_bundle
+
+    with pytest.raises(Exception) as info:  # noqa: PT011 (any wrapper; the root cause is returned)
+        run_bundle(configs, **settings)
+    cause = info.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return cause
+
+
 def _descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (torchrun starts its workers in sessions of their own), from /proc."""
     children: dict[int, list[int]] = {}

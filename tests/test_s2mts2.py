@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PAUSE_AFTER_EPOCH_1, run_processes, wait_for_pause
+from conftest import PAUSE_AFTER_EPOCH_1, bundle_error, kill_after_epoch_1, run_processes
 
 from monai_cxr_ssl.methods.s2mts2.engine import JointLambda, KeyQueue, check_queue, full_batches
 
@@ -81,15 +79,9 @@ def _cli(*args: str, settings: dict) -> list[str]:
     ({"batch_size": 64}, "fewer than one batch"),
 ])
 def test_bad_settings_stop_before_any_work(data, tmp_path, setting, message):
-    from monai_cxr_ssl.launch import run_bundle
-
     out = tmp_path / "out"
-    with pytest.raises(Exception) as info:  # noqa: PT011 (an initialize step's error arrives wrapped by MONAI)
-        run_bundle(["s2mts2_pretrain", "demo"], **_settings(data, out, **setting))
-    causes = [info.value]
-    while causes[-1].__cause__ is not None:
-        causes.append(causes[-1].__cause__)
-    assert isinstance(causes[-1], ValueError) and re.search(message, str(causes[-1])), causes
+    error = bundle_error(["s2mts2_pretrain", "demo"], _settings(data, out, **setting))
+    assert isinstance(error, ValueError) and re.search(message, str(error)), error
     assert not (out / "s2mts2_pretrain" / "models").exists()
 
 
@@ -125,12 +117,7 @@ def test_killed_stage_resumes_to_the_straight_run(data, tmp_path):
     run_bundle(["s2mts2_pretrain", "demo"], **straight)
     killed = _settings(data, tmp_path / "killed", pause_file=str(tmp_path / "pause"))
     cmd = _cli("run", "s2mts2_pretrain", "demo", str(PAUSE_AFTER_EPOCH_1), settings=killed)
-    log = tmp_path / "killed.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT)
-    wait_for_pause(proc, tmp_path / "pause", log, timeout=300)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_epoch_1(cmd, tmp_path, tmp_path / "pause", timeout=300)
     done = run_processes(cmd, timeout=300, cwd=tmp_path)
     assert done.returncode == 0 and "Resuming from" in done.stdout + done.stderr, done.stderr[-3000:]
     a, b = (torch.load(tmp_path / d / "s2mts2_pretrain" / "models" / "last.pt", weights_only=False)
@@ -209,12 +196,7 @@ def test_the_s2mts2_method_on_multi_label_data_killed_during_fine_tuning(tmp_pat
     del settings["dataset_dir"]
     cmd = [*_cli("pipeline", "demo", str(PAUSE_AFTER_EPOCH_1), settings={}), *(f"{k}={v}" for k, v in
                                                                            settings.items())]
-    log = tmp_path / "killed.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT)
-    wait_for_pause(proc, tmp_path / "pause", log, timeout=600)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_epoch_1(cmd, tmp_path, tmp_path / "pause")
     assert not (out / "s2mts2" / ".mean_teacher.done.json").exists()
     done = run_processes(cmd, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

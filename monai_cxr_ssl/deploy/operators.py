@@ -290,11 +290,13 @@ class CXRClassifierOperator(Operator):
         probabilities = {name: float(p) for name, p in zip(info["classes"], probs, strict=True)}
         ood = ood_result(self.model, self.ood, image, info["image_size"], info["crop_size"])
         findings = [name for name, p in probabilities.items() if p >= info["thresholds"][name]]
-        withheld = looks_inverted(image, str(ds.get("PhotometricInterpretation", "")))
-        if withheld is None and ood["checked"] and not ood["in_distribution"]:
+        withheld = None
+        if ood["checked"] and not ood["in_distribution"]:
             withheld = (f"the image does not look like the model's training images (out-of-distribution distance "
                         f"{ood['distance']:.2f} > threshold {ood['threshold']:.2f}); not a chest radiograph the "
                         "model can judge")
+        else:  # a negative radiograph can pass the out-of-distribution check
+            withheld = looks_inverted(image, str(ds.get("PhotometricInterpretation", "")))
         if withheld is not None:
             findings = []
         decision, evidence = body_part_evidence(ds)
