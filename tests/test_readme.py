@@ -35,6 +35,7 @@ def readme_commands(text: str) -> list[str]:
 def tiny(command: str) -> str:
     """``command`` with this test's tiny settings: after ``--set`` for the CLI's training commands, as bundle
     arguments for ``monai.bundle run``, one λ and one seed for the sweep."""
+    assert " # " not in command, f"a comment after a command would swallow the test's settings: {command}"
     if command.startswith(("monai-cxr-ssl pipeline", "monai-cxr-ssl sweep")):
         command = re.sub(r"--lambdas [\d. ]+--seeds [\d ]+", "--lambdas 0.1 --seeds 0 ", command)
         assert " --set " in command and not re.search(r"--set .* --", command), command  # --set comes last
