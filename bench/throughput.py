@@ -242,6 +242,7 @@ def bench_s2mts2(args: argparse.Namespace, key_views: int = 2) -> dict:
             optimizer.zero_grad(set_to_none=True)
             q = torch.nn.functional.normalize(network(batch["image"]), dim=1)
             with torch.no_grad():
+                key_network.train()  # BatchNorm on the key batch's statistics, as the stage's key forwards
                 flat = torch.stack([batch[v] for v in views[1:]], dim=1).flatten(0, 1)
                 order = torch.randperm(len(flat))
                 encoded = torch.cat([key_network(flat[part]) for part in order.chunk(2)])

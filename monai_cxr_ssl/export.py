@@ -40,7 +40,7 @@ from monai_cxr_ssl.evaluation import youden_threshold
 from monai_cxr_ssl.networks.densenet import HEADS
 from monai_cxr_ssl.probabilities import KINDS as PROBABILITY_KINDS
 from monai_cxr_ssl.probabilities import num_logits
-from monai_cxr_ssl.utils import read_json
+from monai_cxr_ssl.utils import file_in_the_way, read_json
 from monai_cxr_ssl.workflow import DEFAULT_BUNDLE, make_workflow
 
 __all__ = ["final_stage_dir", "stage_config", "config_value", "checkpoint_classes",
@@ -335,7 +335,7 @@ def output_file(output: str | os.PathLike) -> Path:
     output = Path(output)
     if output.is_dir():
         return output / "model.ts"
-    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(output)
     if blocking is not None:
         raise ValueError(f"export -o {output}: {blocking} is a file, not a folder; pass -o <folder>/<file>.ts.")
     return output

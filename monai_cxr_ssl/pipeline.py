@@ -282,7 +282,7 @@ class Pipeline:
     def _parent_run(self, client: mlflow.MlflowClient, experiment: str) -> str:
         """The pipeline's MLflow run: the one recorded in ``output_dir`` for this method if the store still has it,
         else a new one (each method run in the folder has its own)."""
-        record = self.output_dir / f"{self._record_stem.replace('results', 'pipeline_run', 1)}.json"
+        record = self.output_dir / f"pipeline_run-{self._record_name}.json"
         run_id, created = recorded_run(client, experiment, record, self.run_name)
         if created:  # params are immutable in MLflow; λ and seed cannot change for an output_dir (its split)
             client.log_param(run_id, "labeled_fraction", self.labeled_fraction)
@@ -367,17 +367,17 @@ class Pipeline:
         return record
 
     @property
-    def _record_stem(self) -> str:
-        """The file stem of this pipeline's own records in the output folder (``results-teacher_student``,
-        ``results-simclr-mean_teacher``): each method run in one folder keeps its own."""
+    def _record_name(self) -> str:
+        """The name of this pipeline's own records in the output folder (``results-<name>.json``,
+        ``pipeline_run-<name>.json``: ``teacher_student``, ``simclr-mean_teacher``): each method keeps its own."""
         name = self.method if self.pretrain is None else f"{self.pretrain}-{self.method}"
-        return "results-" + re.sub(r"[^\w.-]", "_", name)
+        return re.sub(r"[^\w.-]", "_", name)
 
     def _folder_results(self, results: dict) -> dict:
         """``results`` merged with those of the other methods finished in this output folder (same λ and seed)."""
         others = []
         for path in sorted(self.output_dir.glob("results-*.json")):
-            if path.stem != self._record_stem:
+            if path.stem != f"results-{self._record_name}":
                 other = read_json(path, "pipeline results", "delete it, or re-run that method's pipeline")
                 if (other.get("labeled_fraction"), other.get("seed")) == (results["labeled_fraction"], results["seed"]):
                     others.append(other)
@@ -400,7 +400,7 @@ class Pipeline:
             "runs": {step.name: outputs[step.name]["run_id"] for step in ran},
             "test_classes": {step.column: outputs[step.name].get("test_classes") for step in ran if step.column},
         }
-        own = self.output_dir / f"{self._record_stem}.json"
+        own = self.output_dir / f"results-{self._record_name}.json"
         write_json(own, results)
         write_json(self.output_dir / "results.json", results)
         folder = self._folder_results(results)

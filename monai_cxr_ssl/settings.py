@@ -19,6 +19,7 @@ from typing import Any
 from monai_cxr_ssl import methods
 from monai_cxr_ssl.probabilities import KINDS as PROBABILITY_KINDS
 from monai_cxr_ssl.rules import BOOL, POSITIVE, PROBABILITY, Rule, at_least, choice, interval, rule, whole
+from monai_cxr_ssl.utils import file_in_the_way
 
 __all__ = ["MIN_CROP_SIZE", "PATH_SETTINGS", "RULES", "TRACKING_SCHEMES", "all_rules", "check_override_keys",
            "check_settings", "check_tracking_uri", "check_values", "config_ids", "stage_epochs"]
@@ -115,7 +116,7 @@ def _check_folder(output_dir: Path, suffix: str) -> None:
     """An output folder that is a file, or lies under one, cannot be made."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"setting output_dir={str(output_dir)!r}{suffix} is a file, not a folder; choose a folder.")
-    blocking = next((p for p in output_dir.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(output_dir)
     if blocking is not None:
         raise ValueError(f"setting output_dir={str(output_dir)!r}{suffix} lies under {blocking}, which is a file, "
                          "not a folder; choose a folder.")

@@ -97,3 +97,8 @@ def require_file(path: str | os.PathLike, what: str) -> None:
     """Fail early, naming the missing ``what``, instead of deep inside a workflow."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no {what} here.")
+
+
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The existing file among ``path``'s parent folders, which keeps ``path`` from being made; None if none."""
+    return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)

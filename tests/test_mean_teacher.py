@@ -274,8 +274,7 @@ def test_mse_consistency_on_every_image_by_hand():
                        loss_function=torch.nn.BCEWithLogitsLoss())
     labeled = torch.stack([it["image"] for it in _items(8, 0)[:4]])
     images = torch.cat([labeled, torch.stack([it["image"] for it in unlabeled])])
-    with torch.no_grad():  # before the step the teacher is a copy of the student
-        expected = ((torch.sigmoid(student(images)) - torch.sigmoid(copy.deepcopy(student)(images))) ** 2).mean()
+    with torch.no_grad():  # a teacher away from the student, so that the term is not zero
         teacher = copy.deepcopy(student)
         for p in teacher.parameters():
             p.add_(0.05)
@@ -283,7 +282,7 @@ def test_mse_consistency_on_every_image_by_hand():
     trainer.teacher_network.load_state_dict(teacher.state_dict())
     trainer.run()
     assert float(trainer.state.output["consistency_loss"]) == pytest.approx(float(expected_moved), rel=1e-5)
-    assert float(expected) == 0.0 and float(expected_moved) > 0.0
+    assert float(expected_moved) > 0.0
     with pytest.raises(ValueError, match="consistency must be one of kl, mse"):
         _trainer(_net(), unlabeled, consistency="l1")
 

@@ -105,6 +105,8 @@ class CXRDICOMLoaderOperator(DICOMDataLoaderOperator):
         # "no chest radiograph" or an empty series: name the file instead.
         loaded = {str(instance.get_native_sop_instance().SOPInstanceUID) for study in studies
                   for series in study.get_all_series() for instance in series.get_sop_instances()}
+        if len(loaded) == len(files):  # every file is in a series: nothing to read again
+            return studies
         for path in files:
             ds = read_dicom_dataset(Path(path))
             if str(ds.SOPInstanceUID) not in loaded and ds.SOPClassUID not in self.SOP_CLASSES_TO_IGNORE:

@@ -125,8 +125,8 @@ class MomentumContrastLoss(torch.nn.Module):
         was_training = self.key_network.training
         # ignite's EMAHandler hands integer buffers over by assigning .data: the key encoder's BatchNorm batch counters
         # are the query network's, and a key forward must not count as one of its batches
-        counters = [(m, m.num_batches_tracked.clone()) for m in self.key_network.modules()
-                    if isinstance(m, _BatchNorm) and m.num_batches_tracked is not None]
+        counters = [(module, module.num_batches_tracked.clone()) for module in self.key_network.modules()
+                    if isinstance(module, _BatchNorm) and module.num_batches_tracked is not None]
         self.key_network.train()
         if distributed.is_distributed():
             everyone = distributed.all_gather_with_grad(flat)  # no gradient here: a plain all-gather
