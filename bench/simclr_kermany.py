@@ -22,57 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _results import write_results  # a sibling module: bench/ is on sys.path when run as bench/<script>.py
+# sibling modules: bench/ is on sys.path when run as bench/<script>.py
+from _parts import REPO, Parts, cli, settings, test_report
+from _results import write_results
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 CURVES = REPO / "docs" / "simclr_kermany_curves.png"
-
-
-def cli(*args: str, log: Path) -> None:
-    """Run ``monai-cxr-ssl args`` in a fresh process, its output appended to ``log``; a failure stops the bench."""
-    with open(log, "a") as f:
-        f.write(f"\n$ monai-cxr-ssl {' '.join(args)}\n")
-        f.flush()
-        done = subprocess.run([sys.executable, "-m", "monai_cxr_ssl.cli", *args], cwd=REPO, stdout=f,
-                              stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f"monai-cxr-ssl {args[0]} {args[1]} failed (exit {done.returncode}); see {log}")
-
-
-class Parts:
-    """The finished parts of the bench and their results, in ``<output-dir>/parts.json``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.done = json.loads(path.read_text()) if path.is_file() else {}
-
-    def run(self, name: str, work) -> dict:
-        if name in self.done:
-            print(f"{name}: done earlier, skipped", flush=True)
-            return self.done[name]
-        start = time.perf_counter()
-        print(f"{name}: running", flush=True)
-        result = work()
-        result["minutes"] = round((time.perf_counter() - start) / 60, 1)
-        self.done[name] = result
-        self.path.write_text(json.dumps(self.done, indent=2))
-        print(f"{name}: {result}", flush=True)
-        return result
-
-
-def settings(**values) -> list[str]:
-    return ["--set", *(f"{k}={v}" for k, v in values.items())]
-
-
-def test_report(stage_dir: Path) -> dict:
-    report = json.loads((stage_dir / "test_metrics.json").read_text())
-    return {"mean_auroc": report["mean_auroc"], "auroc": report["auroc"], "left_out": report["classes_left_out"]}
 
 
 def simclr_curves(tracking_uri: str, experiment: str) -> dict:

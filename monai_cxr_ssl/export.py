@@ -197,21 +197,28 @@ def checkpoint_thresholds(ckpt_path: str | os.PathLike, class_names: Sequence[st
 
 
 def _network(num_classes: int, state: dict[str, torch.Tensor], ckpt: Path, probabilities: str = "sigmoid",
-             head: dict | None = None) -> torch.nn.Module:
+             head: dict | None = None, network: dict | None = None) -> torch.nn.Module:
     """The bundle's network with the checkpoint's weights, in eval mode, ending with its probability layer;
-    ``head``: the model metadata's (``{"kind": "linear"}`` or ``{"kind": "mlp", "hidden": n}``)."""
+    ``head``: the model metadata's (``{"kind": "linear"}`` or ``{"kind": "mlp", "hidden": n}``); ``network``: its
+    ``{"kind": "densenet121"}`` (default) or ``{"kind": "dcgan", "base_channels": n}`` (a GAN's discriminator)."""
     from monai_cxr_ssl.networks import CXRDenseNet121
 
     head = head or {"kind": "linear"}
-    net = CXRDenseNet121(num_classes=num_logits(num_classes, probabilities), probabilities=probabilities,
-                         head=head["kind"], **({"head_hidden": head["hidden"]} if "hidden" in head else {}))
+    outputs = num_logits(num_classes, probabilities)
+    if network and network["kind"] == "dcgan":
+        from monai_cxr_ssl.networks.gan import DCGANDiscriminator
+
+        net = DCGANDiscriminator(outputs, base_channels=network["base_channels"], probabilities=probabilities)
+    else:
+        net = CXRDenseNet121(num_classes=outputs, probabilities=probabilities, head=head["kind"],
+                             **({"head_hidden": head["hidden"]} if "hidden" in head else {}))
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ValueError(
-            f"{ckpt}: does not fit CXRDenseNet121(num_classes={num_classes}) ({first[:200]}); expected the checkpoint "
-            "of the stage whose config and split.json are exported.") from None
+            f"{ckpt}: does not fit {type(net).__name__}(num_classes={num_classes}) ({first[:200]}); expected the "
+            "checkpoint of the stage whose config and split.json are exported.") from None
     return net.eval()
 
 
@@ -265,7 +272,8 @@ def ood_statistics(
     stats, distances = fit_ood(train_features, _features(net, validation, "validation", split_file, image_size,
                                                          crop_size))
     summary = {
-        "method": "Mahalanobis distance of the pooled DenseNet121 features of the centre crop; Ledoit-Wolf covariance",
+        "method": "Mahalanobis distance of the pooled features (before the output layer) of the centre crop; "
+                  "Ledoit-Wolf covariance",
         "threshold": stats.threshold, "quantile": QUANTILE, "num_train": len(train), "num_validation": len(validation),
         "validation_pass_rate": float(np.mean(distances <= stats.threshold)), "stats_file": OOD_STATS_FILE,
     }
@@ -305,6 +313,11 @@ def model_metadata(
         raise ValueError(f"{source}: head is {head['kind']!r}, expected one of {', '.join(HEADS)}.")
     if head["kind"] == "mlp":
         head["hidden"] = _int_value(config, "head_hidden", source)
+    network = {"kind": config_value(config, "discriminator", source) if "discriminator" in config else "densenet121"}
+    if network["kind"] not in ("densenet121", "dcgan"):
+        raise ValueError(f"{source}: discriminator is {network['kind']!r}, expected dcgan or densenet121.")
+    if network["kind"] == "dcgan":
+        network["base_channels"] = _int_value(config, "gan_base_channels", source)
 
     meta = read_json(DEFAULT_BUNDLE / "configs" / "metadata.json", "bundle metadata", "reinstall monai-cxr-ssl")
     image = meta["network_data_format"]["inputs"]["image"]
@@ -322,6 +335,7 @@ def model_metadata(
         "thresholds_source": threshold_source,
         "probabilities": kind,
         "head": head,
+        "network": network,
         **(info or {}),
     }
     return meta
@@ -369,7 +383,8 @@ def export_model(
     meta = model_metadata(stage_dir, config, info, threshold, source)
     ckpt = stage_dir / "models" / "model.pt"
     info = meta["cxr_ssl"]
-    net = _network(len(info["classes"]), read_state_dict(ckpt), ckpt, info["probabilities"], info["head"])
+    net = _network(len(info["classes"]), read_state_dict(ckpt), ckpt, info["probabilities"], info["head"],
+                   info["network"])
     stats = None
     if ood_images:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -381,6 +396,9 @@ def export_model(
     inference.update(num_classes=len(info["classes"]), image_size=info["image_size"], crop_size=info["crop_size"],
                      class_names=info["classes"], probabilities=info["probabilities"], head=info["head"]["kind"],
                      head_hidden=info["head"].get("hidden", inference["head_hidden"]))
+    if info["network"]["kind"] == "dcgan":  # the GAN's discriminator (``networks.gan.gan_discriminator``)
+        inference["network_def"].update({"_target_": "monai_cxr_ssl.networks.gan.gan_discriminator", "kind": "dcgan",
+                                         "base_channels": info["network"]["base_channels"]})
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         meta_file, config_file = os.path.join(tmp, "metadata.json"), os.path.join(tmp, EMBEDDED_CONFIG)

@@ -127,3 +127,63 @@ class JointContrastiveLoss(torch.nn.Module):
         positive = aligned + self.lam / (2 * tau**2) * spread
         logits = torch.cat([positive[:, None], q @ queue.T / tau], dim=1)
         return (torch.logsumexp(logits, dim=1) - aligned).mean()
+
+
+GAN_WEIGHTINGS = ("sum", "openai")
+FEATURE_MATCHING = ("squared_norm", "mean_square", "mean_abs")
+
+
+class SemiSupervisedGANLoss(torch.nn.Module):
+    """The discriminator's loss of a semi-supervised GAN (Salimans et al. 2016; seed 002): K real classes plus a
+    generated class whose logit is fixed at 0, so that p(generated | x) = 1 / (1 + Z) with Z = Σ_k exp(l_k) over the
+    K real logits ``l`` the network gives:
+
+    - ``labeled``: the cross-entropy over the K classes of the labeled images (``labels`` are class indices);
+    - ``unlabeled``: −log(1 − p(generated)) = softplus(−LSE(l)) on unlabeled real images;
+    - ``generated``: −log p(generated) = softplus(LSE(l)) on the generator's images.
+
+    ``weighting="sum"`` adds the three (seed 002); ``"openai"`` is openai/improved-gan's L_lab + 0.5·(L_unl + L_gen).
+    Returns a dict of float tensors ``labeled``, ``unlabeled``, ``generated`` and ``total`` (each a mean over its
+    images).
+    """
+
+    def __init__(self, weighting: str = "sum") -> None:
+        super().__init__()
+        if weighting not in GAN_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(GAN_WEIGHTINGS)}, got {weighting!r}.")
+        self.weighting = weighting
+
+    def forward(self, labeled_logits: torch.Tensor, labels: torch.Tensor, unlabeled_logits: torch.Tensor,
+                generated_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        labeled = F.cross_entropy(labeled_logits.float(), labels.long())
+        unlabeled = F.softplus(-torch.logsumexp(unlabeled_logits.float(), dim=1)).mean()
+        generated = F.softplus(torch.logsumexp(generated_logits.float(), dim=1)).mean()
+        half = 1.0 if self.weighting == "sum" else 0.5
+        return {"labeled": labeled, "unlabeled": unlabeled, "generated": generated,
+                "total": labeled + half * (unlabeled + generated)}
+
+
+class FeatureMatchingLoss(torch.nn.Module):
+    """The generator's feature-matching loss: the distance between the mean discriminator features of real and of
+    generated images, ``squared_norm`` ‖mean f(real) − mean f(fake)‖² (Salimans et al., the paper's),
+    ``mean_square`` (its mean over the features) or ``mean_abs`` (the mean |Δ| of openai/improved-gan's code). The
+    real features are a target: no gradient flows into them."""
+
+    def __init__(self, norm: str = "squared_norm") -> None:
+        super().__init__()
+        if norm not in FEATURE_MATCHING:
+            raise ValueError(f"feature matching norm must be one of {', '.join(FEATURE_MATCHING)}, got {norm!r}.")
+        self.norm = norm
+
+    def forward(self, real_features: torch.Tensor, fake_features: torch.Tensor) -> torch.Tensor:
+        delta = real_features.detach().float().mean(dim=0) - fake_features.float().mean(dim=0)
+        if self.norm == "mean_abs":
+            return delta.abs().mean()
+        square = delta.pow(2)
+        return square.sum() if self.norm == "squared_norm" else square.mean()
+
+
+def non_saturating_generator_loss(generated_logits: torch.Tensor) -> torch.Tensor:
+    """The generator's −log(1 − p(generated)) = softplus(−LSE(l)) on its images (the K real logits ``l``): it wants
+    the discriminator to take them for real."""
+    return F.softplus(-torch.logsumexp(generated_logits.float(), dim=1)).mean()

@@ -166,6 +166,7 @@ class Pipeline:
                                               pretrain)
         teacher = {**self.common, **self.per_kind[methods.TEACHER.name]}
         parser = make_workflow([methods.TEACHER.config, *self.overlays], bundle, **teacher).parser
+        self._teacher_parser = parser
         if parser.get_parsed_content("linear_probe"):
             self.steps = methods.as_linear_probe(self.steps, pretrain)
         self.output_dir = Path(parser.get_parsed_content("output_dir"))
@@ -259,6 +260,9 @@ class Pipeline:
         self.echo(f"pipeline {self.run_name}: {len(self.steps)} steps in {self.rounds} round(s) -> {self.output_dir}")
         outputs: dict[str, dict] = {}
         try:
+            entry = methods.get(self.method) if self.method in methods.names() else None
+            if entry is not None and entry.check_split is not None:  # data it cannot learn: before the teacher
+                entry.check_split(self._teacher_parser.get_parsed_content("split"))
             for index, step in enumerate(self.steps, 1):
                 if methods.stage_kind(step.kinds[0]).unlabeled and not self._num_unlabeled():
                     self.echo(
@@ -302,6 +306,7 @@ class Pipeline:
         self, index: int, step: Step, outputs: dict[str, dict], client: mlflow.MlflowClient, parent: str
     ) -> dict:
         label = f"[{index}/{len(self.steps)}] {step.name}"
+        evaluates = methods.EVALUATE.name in step.kinds
         workflow = make_workflow([step.config, *self.overlays], self.bundle, **self._overrides(step),
                                  mlflow_parent_run_id=parent)
         parser = workflow.parser
@@ -330,14 +335,15 @@ class Pipeline:
             self.echo(f"{label}: resuming an interrupted run with the same settings and inputs")
         elif done is not None or started is not None:
             self.echo(f"{label}: re-running ({_why(done or started, used, inputs)})")
-        elif step.config != methods.EVALUATE.config and stage_dir.exists():
+        elif not evaluates and stage_dir.exists():
             self.echo(f"{label}: {stage_dir} holds outputs the pipeline did not record; starting the stage over")
         else:
             self.echo(f"{label}: running")
-        if not resume and step.config != methods.EVALUATE.config:
+        if not resume and not evaluates:
             # the evaluation's marker, and the MLflow run records: the stage's handler marks a superseded run killed
             evaluate_record = record_file.name.replace("mlflow_run", "mlflow_run_evaluate")
-            _clear(stage_dir, keep={done_file.name.replace(step.config, methods.EVALUATE.config), record_file.name,
+            evaluation = methods.stage_kind(step.kinds[0]).evaluation_config
+            _clear(stage_dir, keep={done_file.name.replace(step.config, evaluation), record_file.name,
                                     pending_file_of(record_file).name, evaluate_record,
                                     pending_file_of(evaluate_record).name})
         record = {"key": key, "step": step.name, "config": used, "inputs": inputs}

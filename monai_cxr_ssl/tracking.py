@@ -243,7 +243,7 @@ class TrackedRun:
                 self.client.update_run(run_id, status="KILLED", name=args["name"])
         elif entry["op"] == "log_artifact":
             if os.path.isfile(args["path"]):  # a stage re-made since: its file went with it
-                self.client.log_artifact(run_id, args["path"])
+                self.client.log_artifact(run_id, args["path"], args.get("artifact_path"))
         elif entry["op"] == "set_tag":
             self.client.set_tag(run_id, args["key"], args["value"])
         elif entry["op"] == "set_terminated":

@@ -5,6 +5,8 @@
   rank also writes its pid to ``<probe_file>.rank<r>.pid`` when training starts (the test kills one rank).
 - ``QueueLog``: a trainer handler (overlay ``tests/data/queue_probe.json``) that keeps, after every step, the S²MTS²
   queue and this rank's key means; each rank saves them to ``<probe_file>.rank<r>.pt``.
+- ``GanWeights``: a trainer handler (overlay ``tests/data/gan_probe.json``) that keeps, after every step, checksums of
+  the semi-supervised GAN's discriminator and generator; each rank saves them to ``<probe_file>.rank<r>.pt``.
 - ``python tests/ddp_probe.py <out>`` under torchrun: NT-Xent case C (``CASE_C``, τ = 0.1; its known answers are in
   docs/distributed.md) split over the ranks, with and without gathered negatives, and the DDP gradients of a linear
   map that makes the embeddings.
@@ -102,6 +104,31 @@ class QueueLog:
         queue = self.loss.queue
         self.steps.append({"means": self.loss.means.detach().cpu().clone(), "keys": queue.keys.detach().cpu().clone(),
                            "pointer": int(queue.pointer), "filled": int(queue.filled)})
+
+    def _save(self, engine: Engine) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(self.steps, f"{self.probe_file}.rank{rank}.pt")
+
+
+class GanWeights:
+    """A trainer handler (overlay ``tests/data/gan_probe.json``) that records, after every iteration, the checksums
+    of the discriminator and the generator (unwrapped: parameters and buffers) and whether each is wrapped in
+    ``DistributedDataParallel``; every rank saves its list to ``<probe_file>.rank<r>.pt`` when training completes."""
+
+    def __init__(self, probe_file: str, discriminator: torch.nn.Module, generator: torch.nn.Module) -> None:
+        self.probe_file, self.networks, self.steps = probe_file, {"d": discriminator, "g": generator}, []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._record)
+        engine.add_event_handler(Events.COMPLETED, self._save)
+
+    def _record(self, engine: Engine) -> None:
+        from monai_cxr_ssl.distributed import unwrap
+
+        self.steps.append({
+            **{name: checksum(unwrap(net)) for name, net in self.networks.items()},
+            "wrapped": [isinstance(net, torch.nn.parallel.DistributedDataParallel) for net in self.networks.values()],
+        })
 
     def _save(self, engine: Engine) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0

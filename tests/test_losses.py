@@ -98,3 +98,35 @@ def test_joint_contrastive_loss_known_answers_and_infonce():
             JointContrastiveLoss(**kwargs)
     with pytest.raises(ValueError, match=r"keys \(B, M, D\) with M >= 1"):
         JointContrastiveLoss()(q, k, queue)
+
+
+def test_semi_supervised_gan_loss_known_answers():
+    """methods.md's K = 2 case: each term, seed 002's sum and openai/improved-gan's weighting."""
+    from monai_cxr_ssl.losses import SemiSupervisedGANLoss
+
+    args = (torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]), torch.tensor([[1.0, 1.0], [-1.0, 0.5]]),
+            torch.tensor([[-2.0, -1.0], [0.0, 0.0]]))
+    terms = SemiSupervisedGANLoss()(*args)
+    expected = {"labeled": 0.220095, "unlabeled": 0.285782, "generated": 0.753109, "total": 1.258986}
+    assert {k: round(v.item(), 6) for k, v in terms.items()} == expected
+    assert SemiSupervisedGANLoss("openai")(*args)["total"].item() == pytest.approx(0.739541, abs=1e-6)
+    with pytest.raises(ValueError, match="weighting must be one of sum, openai"):
+        SemiSupervisedGANLoss("mean")
+
+
+def test_generator_losses_known_answers():
+    """Feature matching's three norms (methods.md: 2.25, 1.125, 0.75), no gradient into the real features; the
+    non-saturating loss −log(1 − p(generated)) with p(generated) = 1 / (1 + Σ exp l) computed directly."""
+    import math
+
+    from monai_cxr_ssl.losses import FeatureMatchingLoss, non_saturating_generator_loss
+
+    real = torch.tensor([[1.0, 2.0], [3.0, 0.0]], requires_grad=True)
+    fake = torch.tensor([[0.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    values = [FeatureMatchingLoss(norm)(real, fake) for norm in ("squared_norm", "mean_square", "mean_abs")]
+    assert [v.item() for v in values] == [2.25, 1.125, 0.75]
+    values[0].backward()
+    assert real.grad is None and fake.grad is not None
+    logits = [[-2.0, -1.0], [0.0, 0.0]]
+    by_hand = sum(-math.log(1 - 1 / (1 + sum(math.exp(v) for v in row))) for row in logits) / 2
+    assert non_saturating_generator_loss(torch.tensor(logits)).item() == pytest.approx(by_hand, rel=1e-6)

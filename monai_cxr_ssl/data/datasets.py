@@ -225,26 +225,34 @@ def find_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
 
 
 class ClassFolders(_Source):
-    """Class-per-folder layout ``root/{train,val,test}/<CLASS>/*`` as a binary task (e.g. Kermany pneumonia).
+    """Class-per-folder layout ``root/{train,val,test}/<CLASS>/*`` (e.g. Kermany pneumonia): a binary task, or
+    mutually exclusive classes.
 
     Args:
         root: dataset folder; ``train/`` is required, ``val/`` and ``test/`` are used when present.
-        positive_class: folder whose images get label 1.
-        negative_classes: folders whose images get label 0; default all other folders.
+        positive_class: folder whose images get label 1 (one class: a binary task); None: every class folder is a
+            class and each image's label is one-hot over them (mutually exclusive classes, sorted by name; the
+            semi-supervised GAN's kind of data).
+        negative_classes: with ``positive_class``: folders whose images get label 0; default all other folders.
 
     ``patient_id`` is None: file names in such datasets are not reliable patient identifiers.
     """
 
-    def __init__(self, root: str, positive_class: str, negative_classes: Sequence[str] | None = None) -> None:
+    def __init__(self, root: str, positive_class: str | None = None, negative_classes: Sequence[str] | None = None
+                 ) -> None:
         self.root = Path(os.path.abspath(root))
         self.positive_class = positive_class
         self.negative_classes = None if negative_classes is None else list(negative_classes)
+        if positive_class is None and negative_classes is not None:
+            raise ValueError("ClassFolders: negative_classes needs a positive_class (a binary task); without one "
+                             "every class folder is a class.")
 
-    def _split(self, folder: Path, negatives: list[str]) -> list[dict]:
+    @staticmethod
+    def _split(folder: Path, labels: dict[str, list[float]], root: Path) -> list[dict]:
         items = []
-        for name, label in [(self.positive_class, 1.0)] + [(n, 0.0) for n in negatives]:
+        for name, label in labels.items():
             if (folder / name).is_dir():
-                items += [_item(p, [label], self.root) for p in find_images(folder / name)]
+                items += [_item(p, label, root) for p in find_images(folder / name)]
         return sorted(items, key=lambda it: it["id"])
 
     def load(self) -> SourceData:
@@ -252,21 +260,31 @@ class ClassFolders(_Source):
         if not train.is_dir():
             raise FileNotFoundError(f"ClassFolders: folder not found: {train} (expected root/train/<CLASS>/*).")
         found = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for name in [self.positive_class] + (self.negative_classes or []):
-            if name not in found:
-                raise ValueError(f"ClassFolders: class folder {name!r} not found in {train}; found {found}.")
-        negatives = self.negative_classes or [n for n in found if n != self.positive_class]
-        if self.positive_class in negatives:
-            raise ValueError(f"ClassFolders: positive_class {self.positive_class!r} is also in negative_classes.")
+        if self.positive_class is None:
+            if len(found) < 2:
+                raise ValueError(f"ClassFolders: {train} has {len(found)} class folder(s) ({found}); mutually "
+                                 "exclusive classes need at least 2 (or give positive_class for a binary task).")
+            classes = found
+            labels = {name: [float(k == i) for k in range(len(found))] for i, name in enumerate(found)}
+            selection = f"classes={found} (mutually exclusive)"
+        else:
+            for name in [self.positive_class] + (self.negative_classes or []):
+                if name not in found:
+                    raise ValueError(f"ClassFolders: class folder {name!r} not found in {train}; found {found}.")
+            negatives = self.negative_classes or [n for n in found if n != self.positive_class]
+            if self.positive_class in negatives:
+                raise ValueError(f"ClassFolders: positive_class {self.positive_class!r} is also in negative_classes.")
+            classes = [self.positive_class]
+            labels = {self.positive_class: [1.0], **{n: [0.0] for n in negatives}}
+            selection = f"positive_class={self.positive_class!r}, negative_classes={negatives}"
         val, test = self.root / "val", self.root / "test"
         data = SourceData(
-            [self.positive_class],
-            self._split(train, negatives),
-            (self._split(val, negatives) or None) if val.is_dir() else None,
-            (self._split(test, negatives) or None) if test.is_dir() else None,
+            classes,
+            self._split(train, labels, self.root),
+            (self._split(val, labels, self.root) or None) if val.is_dir() else None,
+            (self._split(test, labels, self.root) or None) if test.is_dir() else None,
             str(self.root),
         )
-        selection = f"positive_class={self.positive_class!r}, negative_classes={negatives}"
         return _validated(data, f"ClassFolders({self.root})", selection)
 
 

@@ -21,7 +21,39 @@ from monai.engines import SupervisedTrainer
 from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import DistributedSampler
 
-__all__ = ["SemiSupervisedTrainer"]
+__all__ = ["SemiSupervisedTrainer", "UnlabeledBatches"]
+
+
+class UnlabeledBatches:
+    """A trainer's second data loader: one batch per iteration, read from the start every epoch (so an epoch's
+    batches do not depend on the epochs before) and cycled when the epoch is longer. Attach it to the trainer."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+        self._iterator: Iterator | None = None
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.restart)
+
+    def restart(self, engine: Any) -> None:
+        self._iterator = None
+        sampler = getattr(self.loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):  # MONAI sets the epoch of the main loader's sampler only
+            sampler.set_epoch(engine.state.epoch)
+
+    def next(self, engine: Any) -> dict:
+        """The next batch, its tensors moved to the engine's device (as its ``prepare_batch`` would)."""
+        for _ in range(2):
+            if self._iterator is None:
+                self._iterator = iter(self.loader)
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                continue
+            return {k: v.to(engine.state.device, non_blocking=engine.non_blocking, **engine.to_kwargs)
+                    if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        raise ValueError(f"the unlabeled data loader is empty: {type(engine).__name__} needs unlabeled images.")
 
 
 class SemiSupervisedTrainer(SupervisedTrainer):
@@ -52,13 +84,13 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.joint_key = joint_key
         self.student_inferer: Callable = self.inferer
         self.labeled_loss: Callable = self.loss_function
-        self._unlabeled: Iterator | None = None
         self._batch: dict | None = None
         self._unlabeled_pred: torch.Tensor | None = None
         self.labeled_pred: torch.Tensor | None = None  # the student's logits on the step's labeled batch, for the hook
         if unlabeled_data_loader is not None:
             self.inferer, self.loss_function = self._forward, self._loss  # type: ignore[assignment]
-            self.add_event_handler(Events.EPOCH_STARTED, self._restart_unlabeled)
+            self._unlabeled = UnlabeledBatches(unlabeled_data_loader)
+            self._unlabeled.attach(self)
             self.add_event_handler(Events.ITERATION_STARTED, self._next_unlabeled)
 
     def unlabeled_loss(
@@ -74,27 +106,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement unlabeled_loss to use unlabeled data.")
 
-    def _restart_unlabeled(self) -> None:
-        self._unlabeled = None
-        sampler = getattr(self.unlabeled_data_loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):  # MONAI sets the epoch of the main loader's sampler only
-            sampler.set_epoch(self.state.epoch)
-
     def _next_unlabeled(self) -> None:
-        """Take the iteration's unlabeled batch, its tensors moved to the device, starting the loader over when it
-        runs out (after the labeled batch is drawn, before the step: outside its autocast)."""
-        for _ in range(2):
-            if self._unlabeled is None:
-                self._unlabeled = iter(self.unlabeled_data_loader)
-            try:
-                batch = next(self._unlabeled)
-            except StopIteration:
-                self._unlabeled = None
-                continue
-            self._batch = {k: v.to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
-                           if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            return
-        raise ValueError(f"the unlabeled data loader is empty: {type(self).__name__} needs unlabeled images.")
+        """Take the iteration's unlabeled batch (after the labeled batch is drawn, before the step: outside its
+        autocast)."""
+        self._batch = self._unlabeled.next(self)
 
     def _forward(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The student's forward in the step: the labeled images, joined by the unlabeled ones of ``joint_key``."""

@@ -75,6 +75,8 @@ class StageKind:
             (a self-supervised pre-training) runs ``LABEL_FREE_CONFIG`` after its base config: it trains on the
             labeled and unlabeled images without their labels, validates nothing and saves its model after its last
             epoch (``models/model.pt``, the format of every stage's).
+        network: the overlays of ``files`` that define its network (and probabilities) when they are not the base
+            config's DenseNet121: its evaluation runs them too (the named config ``evaluate_<name>``).
     """
 
     name: str
@@ -85,6 +87,7 @@ class StageKind:
     config: str = ""
     rules: dict[str, Rule] = field(default_factory=dict)
     labels: bool = True
+    network: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.config:
@@ -95,6 +98,12 @@ class StageKind:
         """Its config files as the bundle merges them: ``files``, with ``LABEL_FREE_CONFIG`` after the base config
         for a kind without labels."""
         return list(self.files) if self.labels else [self.files[0], LABEL_FREE_CONFIG, *self.files[1:]]
+
+    @property
+    def evaluation_config(self) -> str:
+        """The named config that evaluates a model of this kind: ``evaluate``, or ``evaluate_<name>`` for a kind
+        with its own ``network``."""
+        return f"evaluate_{self.name}" if self.network else "evaluate"
 
     def step(self, stage: str | None = None, source: str | None = None, **settings: Any) -> Step:
         """A step running this kind in the stage folder ``stage`` (default: the kind's name) on the outputs of the
@@ -149,6 +158,8 @@ class Method:
         commands: its own CLI commands (``Command``), such as the mean teacher's AALS ablation.
         pretrain: a registered pre-training stage that is part of the method (S²MTS²'s): its plan always starts with
             it, and the method's own columns are not composed with its name (the teacher's is).
+        check_split: refuses data the method cannot learn (``ValueError``), given the experiment's split: the
+            pipeline calls it before the teacher trains (its stages check again).
     """
 
     name: str
@@ -160,6 +171,7 @@ class Method:
     column_order: Callable[[str], tuple | None] | None = None
     commands: tuple[Command, ...] = ()
     pretrain: str | None = None
+    check_split: Callable[[dict], None] | None = None
 
     @property
     def needs_unlabeled(self) -> bool:
@@ -279,7 +291,10 @@ def stage_kind(name: str) -> StageKind:
 
 def named_configs() -> dict[str, list[str]]:
     """The bundle's named configs (``monai-cxr-ssl run <name>``): name -> config files, base config first."""
-    configs = {kind.config: kind.config_files for kind in stage_kinds()}
+    kinds = stage_kinds()
+    configs = {kind.config: kind.config_files for kind in kinds}
+    configs.update({kind.evaluation_config: [EVALUATE.files[0], *kind.network, *EVALUATE.files[1:]]
+                    for kind in kinds if kind.network})
     return {**configs, **{name: list(files) for name, files in _OTHER_CONFIGS.items()}}
 
 
@@ -300,9 +315,10 @@ def setting_rules() -> dict[str, Rule]:
 
 def evaluation(stage: str, kind: StageKind | str, column: str | None) -> Step:
     """The step that evaluates ``stage`` (a model of ``kind``) on the test split, for the table's ``column``."""
-    kind = kind.name if isinstance(kind, StageKind) else kind
+    kind = stage_kind(kind) if isinstance(kind, str) else kind
     # the evaluated model's settings apply too: its evaluation run logs that model's hyperparameters
-    return Step(f"{stage}/evaluate", EVALUATE.config, (kind, EVALUATE.name), stage, (stage,), column=column)
+    return Step(f"{stage}/evaluate", kind.evaluation_config, (kind.name, EVALUATE.name), stage, (stage,),
+                column=column)
 
 
 def teacher_steps() -> list[Step]:
@@ -401,5 +417,5 @@ def column_order(column: str) -> tuple:
 
 
 # The methods shipped with the package register themselves on import, in this order: Table I's column order.
-for _module in ("teacher_student", "mean_teacher", "simclr", "s2mts2"):
+for _module in ("teacher_student", "mean_teacher", "simclr", "s2mts2", "ssl_gan"):
     importlib.import_module(f"{__name__}.{_module}")
