@@ -17,7 +17,10 @@
 5. S²MTS²: the bundle's pre-training step (MONAI's ``SupervisedTrainer`` with the query view as input and the key
    views as target, ``MomentumContrastLoss``: shuffled key forwards, the joint contrastive loss, the enqueue; the
    key encoder's ``EMAHandler``) vs a plain PyTorch loop doing the same work; and the memory of a 65,536 x 128 queue;
-6. data: the bundle's training pre-processing (decode, resize, augment) on the real Kermany JPEGs,
+6. semi-supervised GAN: the bundle's ``SemiSupervisedGanTrainer`` (the discriminator step on labeled, unlabeled and
+   generated images, the generator's feature matching, the discriminator's ``EMAHandler``) vs a plain PyTorch GAN
+   loop doing the same work, same networks and batches, at 64 x 64 (a size the generator makes);
+7. data: the bundle's training pre-processing (decode, resize, augment) on the real Kermany JPEGs,
    against the training throughput at the same size.
 
 Prints images/s and ratios; asserts nothing.  Example (CPU size of the real-data benchmarks):
@@ -269,6 +272,58 @@ def bench_s2mts2(args: argparse.Namespace, key_views: int = 2) -> dict:
     return {**pair_figures(n, plain_s, engine_s), "key_views": key_views, "queue_65536x128_mib": round(queue_mb, 1)}
 
 
+def bench_ssl_gan(args: argparse.Namespace, size: int = 64) -> dict:
+    """The semi-supervised GAN's step at the generator's ``size`` (the next one up from the usual 56 crops)."""
+    from monai_cxr_ssl.losses import FeatureMatchingLoss, SemiSupervisedGANLoss
+    from monai_cxr_ssl.networks.gan import real_class_logits
+
+    g = torch.Generator().manual_seed(3)
+    n = args.batch_size * args.iterations
+    labeled = [{"image": torch.rand(1, size, size, generator=g), "label": torch.eye(2)[k % 2]} for k in range(n)]
+    unlabeled = [{"image": torch.rand(1, size, size, generator=g)} for _ in range(n)]
+    loaders = [DataLoader(Dataset(items), batch_size=args.batch_size, shuffle=False, num_workers=0)
+               for items in (labeled, unlabeled)]
+    parser = bundle_parser(args, "train.json", "ssl_gan_network.json", "ssl_gan.json")
+    parser.update({"image_size": size, "crop_size": size, "network_def#num_classes": 3,
+                   "train#dataloader": loaders[0], "train#unlabeled#dataloader": loaders[1],
+                   "train#trainer#train_handlers": "$[@train#d_ema]"})  # the discriminator's EMA is the method's
+    trainer = parser.get_parsed_content("train#trainer")
+    d_net, g_net, d_opt, g_opt = (parser.get_parsed_content(k) for k in ("network", "generator", "optimizer",
+                                                                         "g_optimizer"))
+    ema = parser.get_parsed_content("train#d_ema").ema_model
+    momentum = 1.0 - parser.get_parsed_content("discriminator_ema_decay")
+    gan_loss, matching, latent = SemiSupervisedGANLoss(), FeatureMatchingLoss(), parser.get_parsed_content("latent_dim")
+
+    def plain():  # the same work: discriminator step on labeled + unlabeled + detached fakes, generator step, EMA
+        d_net.train(), g_net.train()
+        for batch, extra in zip(*loaders, strict=True):
+            x, u = batch["image"], extra["image"]
+            with torch.no_grad():
+                fakes = g_net(torch.randn(len(u), latent))
+            d_opt.zero_grad(set_to_none=True)
+            logits = real_class_logits(d_net(torch.cat([x, u, fakes])))
+            gan_loss(logits[:len(x)], batch["label"].argmax(1), logits[len(x):len(x) + len(u)],
+                     logits[len(x) + len(u):])["total"].backward()
+            d_opt.step()
+            d_net.requires_grad_(False)
+            g_opt.zero_grad(set_to_none=True)
+            fakes = g_net(torch.randn(len(u), latent))
+            with torch.no_grad():
+                target = d_net.pooled_features(u)
+            matching(target, d_net.pooled_features(fakes)).backward()
+            g_opt.step()
+            d_net.requires_grad_(True)
+            with torch.no_grad():
+                for e, m in zip(ema.parameters(), d_net.parameters(), strict=True):
+                    e.mul_(1 - momentum).add_(m, alpha=momentum)
+
+    plain_s, engine_s = timed_pair(plain, one_more_epoch(trainer), args.repeats)
+    print(f"ssl_gan    plain PyTorch loop : {n / plain_s:8.1f} labeled images/s (+ as many unlabeled and generated)")
+    print(f"ssl_gan    bundle trainer     : {n / engine_s:8.1f} labeled images/s   engine/plain = "
+          f"{plain_s / engine_s:.3f}")
+    return {**pair_figures(n, plain_s, engine_s), "image_size": size}
+
+
 _LOSS_RUN = """
 import json, sys, time, torch
 from monai.losses import ContrastiveLoss
@@ -347,15 +402,16 @@ def main() -> None:
     cli.add_argument("--workers", type=int, default=2)
     cli.add_argument("--threads", type=int, default=torch.get_num_threads())
     cli.add_argument("--only", nargs="*", default=None, metavar="PART",
-                     help="run these parts only (training, ten-crop, mean-teacher, simclr, s2mts2, contrastive-loss), "
-                     "keeping the other figures of bench/results/throughput.json")
+                     help="run these parts only (training, ten-crop, mean-teacher, simclr, s2mts2, ssl-gan, "
+                     "contrastive-loss), keeping the other figures of bench/results/throughput.json")
     args = cli.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, image {args.image_size}, crop {args.crop_size}, "
           f"batch {args.batch_size}")
     benches = {"training": bench_training, "ten-crop": bench_tta, "mean-teacher": bench_mean_teacher,
-               "simclr": bench_simclr, "s2mts2": bench_s2mts2, "contrastive-loss": bench_contrastive_loss}
+               "simclr": bench_simclr, "s2mts2": bench_s2mts2, "ssl-gan": bench_ssl_gan,
+               "contrastive-loss": bench_contrastive_loss}
     if args.only:  # the other figures stay as the last full run wrote them
         import json
 

@@ -21,7 +21,9 @@ def auroc_report(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[st
 
     A class whose labels hold a single value has no defined AUROC: it is reported as ``None`` and left out of the
     mean. The report names the classes the mean covers (``classes_covered``) and those left out
-    (``classes_left_out``), and counts the ``positives`` per class (an AUROC on few positives is uncertain).
+    (``classes_left_out``), and counts the ``positives`` per class (an AUROC on few positives is uncertain). For
+    mutually exclusive classes (two or more, every label one-hot) it adds the ``accuracy`` of the most probable
+    class; None otherwise.
     """
     labels = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
     probs = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
@@ -35,6 +37,7 @@ def auroc_report(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[st
     if left_out:
         logger.warning("mean AUROC over %s; left out, AUROC undefined (their labels hold a single value on these %d "
                        "images): %s.", ", ".join(covered) or "no class", len(labels), ", ".join(left_out))
+    exclusive = labels.shape[1] > 1 and len(labels) > 0 and bool(np.all(labels.sum(axis=1) == 1))
     return {
         "auroc": per_class,
         "mean_auroc": float(np.mean([per_class[name] for name in covered])) if covered else None,
@@ -42,6 +45,7 @@ def auroc_report(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[st
         "classes_left_out": left_out,
         "num_images": int(len(labels)),
         "positives": {name: int(labels[:, k].sum()) for k, name in enumerate(class_names)},
+        "accuracy": float(np.mean(probs.argmax(axis=1) == labels.argmax(axis=1))) if exclusive else None,
     }
 
 

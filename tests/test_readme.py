@@ -94,7 +94,7 @@ def test_readme_commands_run_as_written(tmp_path):
     for path in ("eval/teacher/models/model.pt", "runs/ts_l5/table1.md", "runs/mt_l5/table1.md",
                  "runs/mt_own/table1.md", "runs/simclr_l5/simclr/models/model.pt", "runs/simclr_l5/table1.md",
                  "runs/simclr_probe_l5/table1.md", "runs/s2mts2_l5/s2mts2_pretrain/models/model.pt",
-                 "runs/s2mts2_l5/results-s2mts2.json",
+                 "runs/s2mts2_l5/results-s2mts2.json", "runs/gan_l5/results-ssl_gan.json",
                  "runs/sweep/table1.md", "runs/sweep/mlflow.db", "runs/compare/comparison.csv", "model.ts",
                  "runs/deploy/result.json"):
         assert (workdir / path).is_file(), (path, done.stdout[-3000:])

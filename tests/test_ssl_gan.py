@@ -223,12 +223,13 @@ def test_the_gan_step_on_two_processes_keeps_both_networks_equal(data, tmp_path)
 @pytest.mark.slow
 def test_the_method_end_to_end_exports_and_deploys(data, tmp_path):
     """``method=ssl_gan`` on two mutually exclusive classes: Table I's columns, the test AUROC per class is
-    scikit-learn's on the saved predictions (softmax over the classes, the generated one dropped), the exported
+    scikit-learn's on the saved predictions (softmax over the classes, the generated one dropped) as is the accuracy,
+    the exported
     TorchScript gives the discriminator EMA's probabilities, and the deploy app classifies a DICOM with it."""
     pytest.importorskip("monai.deploy.core", reason="the MONAI Deploy App SDK (the deploy extra) is not installed")
     from conftest import radiograph_dicom
     from monai.data import load_net_with_metadata
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import accuracy_score, roc_auc_score
 
     out = tmp_path / "out"
     done = subprocess.run(_cli("pipeline", "demo", "multiclass", settings=_settings(data, out, method="ssl_gan")),
@@ -242,6 +243,7 @@ def test_the_method_end_to_end_exports_and_deploys(data, tmp_path):
     for k, name in enumerate(["NORMAL", "OPACITY"]):
         assert report["auroc"][name] == pytest.approx(roc_auc_score(saved["labels"][:, k], saved["probs"][:, k]))
     assert results["auroc"]["ssl-gan"] == pytest.approx(report["mean_auroc"])
+    assert report["accuracy"] == pytest.approx(accuracy_score(saved["labels"].argmax(1), saved["probs"].argmax(1)))
 
     subprocess.run([sys.executable, "-m", "monai_cxr_ssl.cli", "export", str(out), "-o", str(tmp_path / "model.ts"),
                     "--ood-images", "0"], check=True, capture_output=True, timeout=600)

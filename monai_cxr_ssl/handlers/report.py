@@ -21,7 +21,8 @@ class AUROCReport:
 
     At the end of the run it writes ``<prefix>_metrics.json`` and ``<prefix>_roc.png`` into
     ``output_dir`` and adds ``<prefix>_auroc_<class>`` (classes whose AUROC is defined), ``<prefix>_mean_auroc``
-    (their mean) and ``<prefix>_positives_<class>`` (positive images per class) to ``engine.state.metrics``, so a
+    (their mean), ``<prefix>_positives_<class>`` (positive images per class) and, for mutually exclusive classes,
+    ``<prefix>_accuracy`` to ``engine.state.metrics``, so a
     metrics logger attached after it (``MLFlowHandler``, ``StatsHandler``) records them and can log the files as
     artifacts.
 
@@ -76,9 +77,11 @@ class AUROCReport:
             engine.state.metrics[f"{self.prefix}_positives_{name}"] = self.report["positives"][name]
         if self.report["mean_auroc"] is not None:
             engine.state.metrics[f"{self.prefix}_mean_auroc"] = self.report["mean_auroc"]
+        if self.report["accuracy"] is not None:  # mutually exclusive classes
+            engine.state.metrics[f"{self.prefix}_accuracy"] = self.report["accuracy"]
         left_out = self.report["classes_left_out"]
         logger.info(
-            "%s AUROC on %d images: mean %s over %s%s; %s",
+            "%s AUROC on %d images: mean %s over %s%s; %s%s",
             self.prefix,
             self.report["num_images"],
             "n/a" if self.report["mean_auroc"] is None else f"{self.report['mean_auroc']:.4f}",
@@ -86,4 +89,5 @@ class AUROCReport:
             f" (left out, undefined: {', '.join(left_out)})" if left_out else "",
             ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'} ({self.report['positives'][k]} positives)"
                       for k, v in self.report["auroc"].items()),
+            "" if self.report["accuracy"] is None else f"; accuracy {self.report['accuracy']:.4f}",
         )
