@@ -171,40 +171,6 @@ def test_bad_settings_stop_before_any_training(data, tmp_path, setting, message)
 
 
 @pytest.mark.slow
-def test_killed_stage_resumes_to_the_straight_run(data, tmp_path):
-    """SIGKILL after epoch 1 and the same command again: both networks, the discriminator's EMA and both optimizers
-    end as a straight run's, bit for bit; MLflow has every epoch's GAN metrics and image grids."""
-    import mlflow
-
-    from monai_cxr_ssl.launch import run_bundle
-
-    straight = _settings(data, tmp_path / "straight")
-    run_bundle(["ssl_gan", "demo", "multiclass"], **straight)
-    killed = _settings(data, tmp_path / "killed", pause_file=str(tmp_path / "pause"))
-    cmd = _cli("run", "ssl_gan", "demo", "multiclass", str(PAUSE_AFTER_EPOCH_1), settings=killed)
-    kill_after_epoch_1(cmd, tmp_path, tmp_path / "pause", timeout=300)
-    done = run_processes(cmd, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0 and "Resuming from" in done.stdout + done.stderr, done.stderr[-3000:]
-    a, b = (torch.load(tmp_path / d / "ssl_gan" / "models" / "last.pt", weights_only=False)
-            for d in ("straight", "killed"))
-    for part in ("network", "generator", "discriminator_ema"):
-        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-    for part in ("optimizer", "g_optimizer"):
-        states = a[part]["state"], b[part]["state"]
-        assert all(torch.equal(x[k][s], y[k][s]) for x, y in [states] for k in x for s in ("exp_avg", "exp_avg_sq"))
-    assert not all(torch.equal(a["network"][k], a["discriminator_ema"][k]) for k in a["network"])
-
-    client = mlflow.MlflowClient(tracking_uri=straight["tracking_uri"])
-    (run,) = client.search_runs([client.get_experiment_by_name("ssl_gan").experiment_id])
-    for metric in ("train_loss", "labeled_loss", "unlabeled_loss", "generated_loss", "generator_loss",
-                   "p_generated_real", "p_generated_fake", "labeled_accuracy", "val_auroc"):
-        assert len(client.get_metric_history(run.info.run_id, metric)) == 2, metric
-    grids = sorted(f.path for f in client.list_artifacts(run.info.run_id, "samples"))
-    assert grids == ["samples/epoch_001.png", "samples/epoch_002.png"]
-    assert run.data.params["generator_loss"] == "feature_matching" and run.data.params["discriminator"] == "dcgan"
-
-
-@pytest.mark.slow
 def test_the_gan_step_on_two_processes_keeps_both_networks_equal(data, tmp_path):
     settings = _settings(data, tmp_path / "two", num_epochs=1, probe_file=str(tmp_path / "gan"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -221,20 +187,48 @@ def test_the_gan_step_on_two_processes_keeps_both_networks_equal(data, tmp_path)
 
 
 @pytest.mark.slow
-def test_the_method_end_to_end_exports_and_deploys(data, tmp_path):
-    """``method=ssl_gan`` on two mutually exclusive classes: Table I's columns, the test AUROC per class is
-    scikit-learn's on the saved predictions (softmax over the classes, the generated one dropped) as is the accuracy,
-    the exported
-    TorchScript gives the discriminator EMA's probabilities, and the deploy app classifies a DICOM with it."""
+def test_the_method_killed_and_resumed_equals_a_straight_run_exports_and_deploys(data, tmp_path):
+    """``method=ssl_gan`` on two mutually exclusive classes, killed (SIGKILL) after the GAN stage's first epoch and
+    run again: both networks, the discriminator's EMA and both optimizers end as a straight run of the stage's, bit
+    for bit; MLflow has every epoch's GAN metrics and image grids. Table I's columns; the test AUROC per class is
+    scikit-learn's on the saved predictions (softmax over the classes, the generated one dropped), as is the
+    accuracy; the exported TorchScript gives the discriminator EMA's probabilities, and the deploy app classifies a
+    DICOM with it."""
     pytest.importorskip("monai.deploy.core", reason="the MONAI Deploy App SDK (the deploy extra) is not installed")
+    import mlflow
     from conftest import radiograph_dicom
     from monai.data import load_net_with_metadata
     from sklearn.metrics import accuracy_score, roc_auc_score
 
+    from monai_cxr_ssl.launch import run_bundle
+
+    straight = _settings(data, tmp_path / "straight")
+    run_bundle(["ssl_gan", "demo", "multiclass"], **straight)
     out = tmp_path / "out"
-    done = subprocess.run(_cli("pipeline", "demo", "multiclass", settings=_settings(data, out, method="ssl_gan")),
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    settings = _settings(data, out, method="ssl_gan", pause_file=str(tmp_path / "pause"), pause_stage="ssl_gan")
+    cmd = _cli("pipeline", "demo", "multiclass", str(PAUSE_AFTER_EPOCH_1), settings=settings)
+    kill_after_epoch_1(cmd, tmp_path, tmp_path / "pause", timeout=300)
+    assert (out / "teacher" / ".evaluate.done.json").is_file() and not (out / "ssl_gan" / ".ssl_gan.done.json").exists()
+    done = run_processes(cmd, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "ssl_gan: resuming an interrupted run" in done.stdout and "Resuming from" in done.stdout + done.stderr
+    a, b = (torch.load(d / "ssl_gan" / "models" / "last.pt", weights_only=False) for d in (tmp_path / "straight", out))
+    for part in ("network", "generator", "discriminator_ema"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for part in ("optimizer", "g_optimizer"):
+        x, y = a[part]["state"], b[part]["state"]
+        assert x.keys() == y.keys() and all(torch.equal(x[k][s], y[k][s]) for k in x for s in ("exp_avg", "exp_avg_sq"))
+    assert not all(torch.equal(a["network"][k], a["discriminator_ema"][k]) for k in a["network"])
+
+    client = mlflow.MlflowClient(tracking_uri=straight["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("ssl_gan").experiment_id])
+    for metric in ("train_loss", "labeled_loss", "unlabeled_loss", "generated_loss", "generator_loss",
+                   "p_generated_real", "p_generated_fake", "labeled_accuracy", "val_auroc"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) == 2, metric
+    grids = sorted(f.path for f in client.list_artifacts(run.info.run_id, "samples"))
+    assert grids == ["samples/epoch_001.png", "samples/epoch_002.png"]
+    assert run.data.params["generator_loss"] == "feature_matching" and run.data.params["discriminator"] == "dcgan"
+
     results = json.loads((out / "results-ssl_gan.json").read_text())
     assert list(results["auroc"]) == ["teacher", "ssl-gan"]
     saved = np.load(out / "ssl_gan" / "test_predictions.npz")
