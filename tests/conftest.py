@@ -225,3 +225,21 @@ def checkpoint_probabilities(checkpoint: Path, images: list, image_size: int, cr
     load = Compose([LoadCXRImaged("image"), Resized("image", [image_size] * 2, mode="area")])
     x = torch.stack([torch.as_tensor(load({"image": str(p)})["image"]) for p in images])
     return reference_ten_crop_probabilities(net, x, crop_size).numpy()
+
+
+def deploy_on_a_radiograph(model: Path, tmp_path: Path) -> dict:
+    """Run the deploy app with ``model`` on a generated chest radiograph (a DX DICOM: two dark lungs on a brighter
+    body) in ``tmp_path/study`` and return its ``result.json``; the test fails with the app's output if it fails."""
+    import json
+
+    import numpy as np
+
+    yy, xx = np.mgrid[:64, :64] / 63.0
+    lungs = np.exp(-(((xx - 0.3) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2)) + np.exp(
+        -(((xx - 0.7) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+    (tmp_path / "study").mkdir()
+    radiograph_dicom(np.clip(200 - 120 * lungs + 30 * yy, 0, 255), "DX").save_as(tmp_path / "study" / "image.dcm")
+    done = subprocess.run([sys.executable, "-m", "monai_cxr_ssl.deploy", "-i", str(tmp_path / "study"), "-o",
+                           str(tmp_path / "result"), "-m", str(model)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp_path / "result" / "result.json").read_text())

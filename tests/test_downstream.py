@@ -4,12 +4,10 @@ export and the deploy app), and the linear probe's Table I column."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -97,7 +95,7 @@ def test_an_mlp_head_model_exports_and_deploys(data, tmp_path):
     """A teacher with head=mlp: the TorchScript export gives the trained network's sigmoid probabilities, and the
     deploy app classifies a DICOM radiograph with it."""
     pytest.importorskip("monai.deploy.core", reason="the MONAI Deploy App SDK (the deploy extra) is not installed")
-    from conftest import radiograph_dicom
+    from conftest import deploy_on_a_radiograph
     from monai.data import load_net_with_metadata
 
     from monai_cxr_ssl.networks import CXRDenseNet121
@@ -114,14 +112,5 @@ def test_an_mlp_head_model_exports_and_deploys(data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), torch.sigmoid(net(x)))
 
-    yy, xx = np.mgrid[:64, :64] / 63.0
-    lungs = np.exp(-(((xx - 0.3) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2)) + np.exp(
-        -(((xx - 0.7) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2))
-    (tmp_path / "study").mkdir()
-    radiograph_dicom(np.clip(200 - 120 * lungs + 30 * yy, 0, 255), "DX").save_as(tmp_path / "study" / "image.dcm")
-    done = subprocess.run([sys.executable, "-m", "monai_cxr_ssl.deploy", "-i", str(tmp_path / "study"), "-o",
-                           str(tmp_path / "result"), "-m", str(tmp_path / "model.ts")], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "result" / "result.json").read_text())
+    result = deploy_on_a_radiograph(tmp_path / "model.ts", tmp_path)
     assert set(result["probabilities"]) == {"OPACITY"} and result["findings_withheld"] is None

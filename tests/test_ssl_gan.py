@@ -196,7 +196,7 @@ def test_the_method_killed_and_resumed_equals_a_straight_run_exports_and_deploys
     DICOM with it."""
     pytest.importorskip("monai.deploy.core", reason="the MONAI Deploy App SDK (the deploy extra) is not installed")
     import mlflow
-    from conftest import radiograph_dicom
+    from conftest import deploy_on_a_radiograph
     from monai.data import load_net_with_metadata
     from sklearn.metrics import accuracy_score, roc_auc_score
 
@@ -251,15 +251,6 @@ def test_the_method_killed_and_resumed_equals_a_straight_run_exports_and_deploys
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), torch.softmax(net(x)[:, :2], dim=1))
 
-    yy, xx = np.mgrid[:64, :64] / 63.0
-    lungs = np.exp(-(((xx - 0.3) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2)) + np.exp(
-        -(((xx - 0.7) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2))
-    (tmp_path / "study").mkdir()
-    radiograph_dicom(np.clip(200 - 120 * lungs + 30 * yy, 0, 255), "DX").save_as(tmp_path / "study" / "image.dcm")
-    done = subprocess.run([sys.executable, "-m", "monai_cxr_ssl.deploy", "-i", str(tmp_path / "study"), "-o",
-                           str(tmp_path / "result"), "-m", str(tmp_path / "model.ts")], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "result" / "result.json").read_text())
+    result = deploy_on_a_radiograph(tmp_path / "model.ts", tmp_path)
     assert set(result["probabilities"]) == {"NORMAL", "OPACITY"} and result["findings_withheld"] is None
     assert sum(result["probabilities"].values()) == pytest.approx(1, abs=1e-4)
