@@ -406,6 +406,10 @@ class Pipeline:
             "runs": {step.name: outputs[step.name]["run_id"] for step in ran},
             "test_classes": {step.column: outputs[step.name].get("test_classes") for step in ran if step.column},
         }
+        site = read_json(self.split_file, "split file", "re-run the teacher stage").get("eval_source")
+        if site is not None:  # domain adaptation: Table I names both sources
+            results["sources"] = {"labeled": repr(self._teacher_parser.get_parsed_content("datasource")),
+                                  "evaluated": site["source"]}
         own = self.output_dir / f"results-{self._record_name}.json"
         write_json(own, results)
         write_json(self.output_dir / "results.json", results)

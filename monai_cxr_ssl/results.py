@@ -5,6 +5,7 @@ variants as columns."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -117,8 +118,14 @@ def class_notes(coverages: Iterable[dict], few: int = FEW_POSITIVES) -> list[str
 
 
 def table1_notes(results: Sequence[dict]) -> list[str]:
-    """``class_notes`` over the test reports of pipeline results (their ``test_classes``: column -> coverage)."""
-    return class_notes(c for r in results for c in (r.get("test_classes") or {}).values())
+    """``class_notes`` over the test reports of pipeline results (their ``test_classes``: column -> coverage), and
+    the sources of runs with an ``eval_source`` (labeled images from one, the rest from the other)."""
+    notes = class_notes(c for r in results for c in (r.get("test_classes") or {}).values())
+    for sources in dict.fromkeys(json.dumps(r["sources"]) for r in results if r.get("sources")):
+        site = json.loads(sources)
+        notes.append(f"Labeled images: {site['labeled']}; unlabeled, validation and test images: {site['evaluated']} "
+                     "(eval_source).")
+    return notes
 
 
 def format_table1(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:

@@ -408,6 +408,61 @@ def _chosen_classes(classes: Sequence[str] | None, available: Sequence[str], sou
     return [list(available).index(c) for c in classes]
 
 
+EVAL_ID_PREFIX = "eval_source:"  # the ids of an eval_source's images, apart from the labeled source's
+
+
+def _load_eval_source(eval_source):
+    """``eval_source.load()``, refusing anything that is not a dataset source with labels."""
+    if not callable(getattr(eval_source, "load", None)):
+        raise ValueError(
+            f"eval_source={eval_source!r} is not a dataset source with labels: it names the site whose labeled images "
+            "validate and test the model, e.g. {\"_target_\": \"monai_cxr_ssl.data.ChestXray14\", \"root\": ...}. "
+            "Images without labels go to unlabeled_source.")
+    return eval_source.load()
+
+
+def _eval_part(eval_source, data, classes: list[str], seed: int, val_fraction: float, test_fraction: float,
+               bad_images: str) -> tuple[dict[str, list[dict]], dict]:
+    """The images of ``eval_source`` (a labeled dataset source: the site B that the labeled source A's model is
+    for; ``data`` is what it loaded): its validation and test images with labels mapped onto A's ``classes``, carved
+    as A's are (its own lists when it has them; patient-grouped, stratified, ``seed``), and its training pool
+    without labels (the unlabeled part); and the split's record of them."""
+    foreign = [c for c in data.classes if c not in classes]
+    if foreign:
+        raise ValueError(
+            f"eval_source {eval_source!r} has class(es) {foreign} that the labeled source does not have (its classes: "
+            f"{classes}); a model cannot be tested on classes it never learnt. Select eval_source's classes among "
+            "those (its task, classes or label columns).")
+    where = [data.classes.index(c) if c in data.classes else None for c in classes]
+
+    def mapped(items: list[dict] | None) -> list[dict] | None:
+        if items is None:
+            return None
+        return [{**it, "id": EVAL_ID_PREFIX + it["id"],
+                 "label": [0.0 if k is None else it["label"][k] for k in where]} for it in items]
+
+    everything = data.pool + (data.validation or []) + (data.test or [])
+    skipped = set(_check_images(everything, bad_images, "eval_source "))
+    kept = {name: mapped([it for it in part if it["id"] not in skipped]) if part is not None else None
+            for name, part in (("pool", data.pool), ("validation", data.validation), ("test", data.test))}
+    carved = {"validation": val_fraction if kept["validation"] is None else 0.0,
+              "test": test_fraction if kept["test"] is None else 0.0}
+    rng = np.random.default_rng(seed)
+    held_out = _allocate(_strata(_groups(sorted(kept["pool"], key=lambda it: it["id"])), len(classes)),
+                         {"train": 1 - sum(carved.values()), **carved}, rng)
+    parts = {"unlabeled": [{"image": it["image"], "id": it["id"]} for it in held_out["train"]],
+             "validation": kept["validation"] or held_out["validation"], "test": kept["test"] or held_out["test"]}
+    parts = {k: sorted(({key: val for key, val in it.items() if key != "patient_id"} for it in v),
+                       key=lambda it: it["id"]) for k, v in parts.items()}
+    for name in ("validation", "test"):
+        if not parts[name]:
+            raise ValueError(f"eval_source {eval_source!r} leaves no {name} image; give it more images or a larger "
+                             f"{'val' if name == 'validation' else 'test'}_fraction.")
+    record = {"source": repr(eval_source), "classes": list(data.classes), "fingerprint": fingerprint(everything),
+              "counts": {k: len(v) for k, v in parts.items()}, "skipped": sorted(skipped)}
+    return parts, record
+
+
 @distributed.main_process_first()  # under torchrun rank 0 makes the file, the other ranks read it
 def prepare_split(
     source,
@@ -423,6 +478,7 @@ def prepare_split(
     min_positives: int = 1,
     unlabeled_source: str | os.PathLike | None = None,
     unlabeled_source_column: str = "image",
+    eval_source=None,
 ) -> dict:
     """Load ``source``, then return the split stored in ``split_file``, making and writing it on first use.
 
@@ -447,6 +503,11 @@ def prepare_split(
             counts and the dropped ids. With it, no unlabeled item keeps a label (every batch of that part then
             collates alike); ``positives["unlabeled"]`` still counts those of the source's own unlabeled images.
         unlabeled_source_column: the CSV column with the image paths (relative to the CSV's folder or absolute).
+        eval_source: another dataset source with labels (site B) for domain adaptation: the labeled part stays
+            ``source``'s (site A: the same images as without it), the unlabeled part is B's training pool without
+            labels (with ``unlabeled_source``'s images, if given), validation and test are B's images (its own
+            lists, or carved from its pool as A's are), labels mapped onto A's classes by name; B's classes must be
+            among A's. The split's ``eval_source`` records B, its counts and what it replaced.
 
     Returns:
         The split: ``labeled``, ``unlabeled``, ``validation`` and ``test`` datalists plus ``classes`` (the kept
@@ -469,11 +530,18 @@ def prepare_split(
         params["classes"] = list(classes)
     if min_positives != 1:
         params["min_positives"] = min_positives
+    if eval_source is not None:
+        params["eval_source"] = repr(eval_source)
     source_fingerprint = current = fingerprint(everything)
     extra = None
     if unlabeled_source is not None:
         extra = load_unlabeled_source(unlabeled_source, unlabeled_source_column)
         current = _combined(source_fingerprint, extra.fingerprint)
+    site_data, site_items = None, []
+    if eval_source is not None:
+        site_data = _load_eval_source(eval_source)
+        site_items = site_data.pool + (site_data.validation or []) + (site_data.test or [])
+        current = _combined(current, fingerprint(site_items))
     split_file = Path(split_file)
     if split_file.exists():
         split = load_split(split_file)
@@ -481,6 +549,7 @@ def prepare_split(
             raise ValueError(_changed(split, split_file, current, source_fingerprint, extra, params))
         # Same ids and labels, but the dataset folder may have moved: take image paths from the source.
         paths = {it["id"]: it["image"] for it in everything + (extra.items if extra else [])}
+        paths.update({EVAL_ID_PREFIX + it["id"]: it["image"] for it in site_items})
         for part in PARTS:
             for it in split[part]:
                 it["image"] = paths[it["id"]]
@@ -512,6 +581,13 @@ def prepare_split(
     parts = {k: [{key: val for key, val in it.items() if key != "patient_id"} for it in made[k]] for k in PARTS}
     n = len(made["classes"])
     positives = {k: _positives(v, n) for k, v in parts.items()}
+    evaluated = None
+    if eval_source is not None:  # site B's images for everything but the labeled part
+        site, evaluated = _eval_part(eval_source, site_data, made["classes"], seed, val_fraction,
+                                     params["test_fraction"], bad_images)
+        evaluated["replaced"] = {k: len(parts[k]) for k in site}
+        parts.update(site)
+        positives.update({k: _positives(v, n) for k, v in site.items() if k != "unlabeled"}, unlabeled=[0] * n)
     if extra is not None:
         added, record = _unlabeled_part(extra, everything, bad_images)
         unlabeled = [{key: val for key, val in it.items() if key != "label"} for it in parts["unlabeled"]]
@@ -528,6 +604,7 @@ def prepare_split(
         "skipped": sorted(skipped),
         **({"patient_overlap": overlaps} if overlaps else {}),
         **({"unlabeled_source": record} if extra is not None else {}),
+        **({"eval_source": evaluated} if evaluated is not None else {}),
     }
     split["split_fingerprint"] = split_fingerprint(split)
     write_json(split_file, split)
