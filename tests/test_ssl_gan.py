@@ -127,6 +127,33 @@ def test_one_step_is_the_semi_supervised_gan_step_written_out():
     assert output["labeled_accuracy"] == float((real[:4].argmax(1) == torch.tensor([0, 1, 1, 0])).float().mean())
 
 
+def test_a_densenet_discriminator_keeps_the_running_statistics_of_its_own_step():
+    """With DenseNet121 as the discriminator, the generator's step leaves its BatchNorm statistics as the
+    discriminator's step made them (under torchrun they are then the same on every rank)."""
+    from monai_cxr_ssl.methods.ssl_gan.engine import SemiSupervisedGanTrainer
+
+    torch.manual_seed(1)
+    labeled, unlabeled = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    d_net = gan_discriminator("densenet121", 3)
+    g_net = DCGANGenerator(image_size=32, latent_dim=8, base_channels=4)
+    d_ref = copy.deepcopy(d_net)
+    trainer = SemiSupervisedGanTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=_loader(labeled, torch.eye(2)),
+        unlabeled_data_loader=_loader(unlabeled), d_network=d_net, d_optimizer=torch.optim.SGD(d_net.parameters(), 0.0),
+        g_network=g_net, g_optimizer=torch.optim.SGD(g_net.parameters(), 0.0), latent_dim=8)
+    noise = [torch.randn(2, 8), torch.randn(2, 8)]
+    drawn = iter(noise)
+    trainer.noise = lambda n: next(drawn)
+    g_ref = copy.deepcopy(g_net)
+    trainer.run()
+    with torch.no_grad():  # the discriminator's step alone (learning rate 0: only the statistics move)
+        d_ref(torch.cat([labeled, unlabeled, g_ref(noise[0])]))
+    for (name, a), b in zip(d_net.named_buffers(), d_ref.buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(d_net.buffers(), gan_discriminator("densenet121", 3).buffers(),
+                                                     strict=True))  # the statistics did move
+
+
 def test_data_it_cannot_learn_is_refused_with_the_reason():
     from monai_cxr_ssl.methods.ssl_gan.engine import check_exclusive_classes
 
