@@ -121,10 +121,10 @@ def test_one_step_is_the_semi_supervised_gan_step_written_out():
         for (name, a), b in zip(mine.state_dict().items(), ref.state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, msg=name)
     output = trainer.state.output
-    assert output["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert float(output["loss"]) == pytest.approx(loss.item(), rel=1e-6)
     p_generated = torch.softmax(logits.detach(), dim=1)[:, 2]
-    assert output["p_generated_real"] == pytest.approx(float(p_generated[4:10].mean()), rel=1e-5)
-    assert output["labeled_accuracy"] == float((real[:4].argmax(1) == torch.tensor([0, 1, 1, 0])).float().mean())
+    assert float(output["p_generated_real"]) == pytest.approx(float(p_generated[4:10].mean()), rel=1e-5)
+    assert float(output["labeled_accuracy"]) == float((real[:4].argmax(1) == torch.tensor([0, 1, 1, 0])).float().mean())
 
 
 def test_a_densenet_discriminator_keeps_the_running_statistics_of_its_own_step():

@@ -151,16 +151,16 @@ class SemiSupervisedGanTrainer(GanTrainer):
                 for b, kept in zip(d_module.buffers(), buffers, strict=True):
                     b.copy_(kept)
 
-        with torch.no_grad():  # p(generated | x) = 1 / (1 + Z) = sigmoid(−LSE(l))
+        with torch.no_grad():  # p(generated | x) = 1 / (1 + Z) = sigmoid(−LSE(l)); tensors: no device sync per step
             p_generated = torch.sigmoid(-torch.logsumexp(logits, dim=1))
-            accuracy = (logits[:n_lab].argmax(dim=1) == classes).float().mean()
-        return {
-            Keys.IMAGE: images, Keys.LABEL: labels, Keys.PRED: logits[:n_lab].detach(), "fakes": fakes.detach(),
-            Keys.LOSS: d_losses["total"].item(), "labeled_loss": d_losses["labeled"].item(),
-            "unlabeled_loss": d_losses["unlabeled"].item(), "generated_loss": d_losses["generated"].item(),
-            "generator_loss": g_loss.item(), "p_generated_real": p_generated[n_lab:n_lab + n_unl].mean().item(),
-            "p_generated_fake": p_generated[n_lab + n_unl:].mean().item(), "labeled_accuracy": accuracy.item(),
-        }
+            return {
+                Keys.IMAGE: images, Keys.LABEL: labels, Keys.PRED: logits[:n_lab].detach(), "fakes": fakes.detach(),
+                Keys.LOSS: d_losses["total"].detach(), "labeled_loss": d_losses["labeled"].detach(),
+                "unlabeled_loss": d_losses["unlabeled"].detach(), "generated_loss": d_losses["generated"].detach(),
+                "generator_loss": g_loss.detach(), "p_generated_real": p_generated[n_lab:n_lab + n_unl].mean(),
+                "p_generated_fake": p_generated[n_lab + n_unl:].mean(),
+                "labeled_accuracy": (logits[:n_lab].argmax(dim=1) == classes).float().mean(),
+            }
 
 
 class GanMonitor:
