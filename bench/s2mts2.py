@@ -69,9 +69,11 @@ def main() -> None:
     parser.add_argument("--queue-size", type=int, default=4096)
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--max-unlabeled", type=int, default=800)
+    parser.add_argument("--datasets", nargs="+", choices=("nih", "kermany"), default=["nih", "kermany"])
     args = parser.parse_args()
     datasets = [("NIH sample", args.nih, "chestxray14_multilabel", args.nih_lambda),
                 ("Kermany", args.kermany, "kermany", args.kermany_lambda)]
+    datasets = [d for d, key in zip(datasets, ("nih", "kermany"), strict=True) if key in args.datasets]
     for name, folder, _, _ in datasets:
         if not Path(folder).is_dir():
             raise SystemExit(f"{folder}: the {name} data is not there; pass --nih / --kermany <folder>.")
