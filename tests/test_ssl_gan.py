@@ -281,3 +281,29 @@ def test_the_method_killed_and_resumed_equals_a_straight_run_exports_and_deploys
     result = deploy_on_a_radiograph(tmp_path / "model.ts", tmp_path)
     assert set(result["probabilities"]) == {"NORMAL", "OPACITY"} and result["findings_withheld"] is None
     assert sum(result["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+
+
+def test_the_monitor_saves_a_grid_and_warns_on_divergence_and_collapse(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from monai_cxr_ssl.methods.ssl_gan.engine import GanMonitor
+
+    monitor = GanMonitor(tmp_path, num_images=4)
+    varied = torch.rand(6, 1, 8, 8)
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=3, output={"fakes": varied},
+                                                   metrics={"p_generated_real": 0.3}))
+    with caplog.at_level("WARNING", logger="monai_cxr_ssl"):
+        monitor(engine)
+    grid = np.asarray(Image.open(tmp_path / "samples" / "epoch_003.png"))
+    assert grid.shape == (20, 20)  # 2 x 2 images of 8 px, 1 px apart
+    assert np.array_equal(grid[1:9, 1:9], (varied[0, 0].numpy() * 255).astype(np.uint8))
+    assert not caplog.records
+    engine.state.output["fakes"] = varied[:1].expand(6, 1, 8, 8)  # six copies of one image
+    engine.state.metrics["p_generated_real"] = 0.95
+    with caplog.at_level("WARNING", logger="monai_cxr_ssl"):
+        monitor(engine)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "ssl_gan epoch 3: the discriminator calls real images generated (mean p(generated) 0.950" in said
+    assert "the generated images barely differ (mean per-pixel std 0.0000" in said
