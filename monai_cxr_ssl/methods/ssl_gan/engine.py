@@ -101,12 +101,12 @@ class SemiSupervisedGanTrainer(GanTrainer):
     ) -> None:
         if generator_loss not in GENERATOR_LOSSES:
             raise ValueError(f"generator_loss must be one of {', '.join(GENERATOR_LOSSES)}, got {generator_loss!r}.")
-        self.gan_loss = loss or SemiSupervisedGANLoss()
         self.generator_loss = generator_loss
-        self.feature_matching = feature_matching or FeatureMatchingLoss()
+        # GanTrainer keeps them: the discriminator's loss and, for feature matching, the generator's
         super().__init__(train_data_loader=train_data_loader, d_network=d_network, d_optimizer=d_optimizer,
-                         g_network=g_network, g_optimizer=g_optimizer, d_loss_function=self.gan_loss,
-                         g_loss_function=self.feature_matching, latent_shape=latent_dim, decollate=False, **kwargs)
+                         g_network=g_network, g_optimizer=g_optimizer, d_loss_function=loss or SemiSupervisedGANLoss(),
+                         g_loss_function=feature_matching or FeatureMatchingLoss(), latent_shape=latent_dim,
+                         decollate=False, **kwargs)
         self._unlabeled = UnlabeledBatches(unlabeled_data_loader)
         self._unlabeled.attach(self)
 
@@ -127,7 +127,7 @@ class SemiSupervisedGanTrainer(GanTrainer):
         engine.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         logits = real_class_logits(engine.d_inferer(torch.cat([images, unlabeled, fakes]), d_net).float())
         classes = labels.argmax(dim=1)
-        d_losses = engine.gan_loss(logits[:n_lab], classes, logits[n_lab:n_lab + n_unl], logits[n_lab + n_unl:])
+        d_losses = engine.d_loss_function(logits[:n_lab], classes, logits[n_lab:n_lab + n_unl], logits[n_lab + n_unl:])
         d_losses["total"].backward()
         engine.d_optimizer.step()
 
@@ -140,7 +140,7 @@ class SemiSupervisedGanTrainer(GanTrainer):
             if engine.generator_loss == "feature_matching":
                 with torch.no_grad():
                     real_features = d_module.pooled_features(unlabeled)
-                g_loss = engine.feature_matching(real_features, d_module.pooled_features(fakes))
+                g_loss = engine.g_loss_function(real_features, d_module.pooled_features(fakes))
             else:
                 g_loss = non_saturating_generator_loss(real_class_logits(d_module(fakes).float()))
             g_loss.backward()
