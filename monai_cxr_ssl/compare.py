@@ -63,7 +63,8 @@ def evaluation_runs(
     tracking_uri: str | None = None,
 ) -> pd.DataFrame:
     """The finished test evaluations of ``experiment_names`` as a DataFrame (``mlflow.search_runs`` columns plus
-    ``stage``, ``column``, ``labeled_fraction``, ``seed``), newest per (column, λ, seed, dataset) only.
+    ``stage``, ``column``, ``labeled_fraction``, ``seed``), newest per (column, λ, seed, dataset) only. A run made
+    with ``labeled_per_class`` has as λ the share of its training images that were labeled (4 decimals).
 
     ``filters`` maps MLflow keys (``params.image_size``, ``tags.team``; a bare name means a param) to values;
     ``method`` keeps the stages of one method (``methods.names()``; the teacher is every method's). A stage's
@@ -99,6 +100,11 @@ def evaluation_runs(
         tagged = runs[f"tags.{COLUMN_TAG}"]
         runs["column"] = tagged.where(tagged.notna(), runs["column"])
     runs["labeled_fraction"] = runs["params.labeled_fraction"].astype(float)
+    if "params.labeled_per_class" in runs:  # its labeled_fraction is unused: its λ is the share it labeled
+        per_class = runs["params.labeled_per_class"].notna() & (runs["params.labeled_per_class"] != "None")
+        labeled = runs["params.num_labeled"].astype(float)
+        share = (labeled / (labeled + runs["params.num_unlabeled"].astype(float))).round(4)
+        runs["labeled_fraction"] = runs["labeled_fraction"].where(~per_class, share)
     runs["seed"] = runs["params.seed"].astype(int)
     runs["dataset"] = runs["params.dataset_fingerprint"] if "params.dataset_fingerprint" in runs else ""
     return runs.drop_duplicates(["column", "labeled_fraction", "seed", "dataset"], keep="first")

@@ -6,6 +6,28 @@ import torch
 import torch.nn.functional as F
 
 
+class SupervisedLoss(torch.nn.Module):
+    """The supervised loss that matches how ``probabilities`` (``monai_cxr_ssl.probabilities``) reads the logits:
+    binary cross-entropy per class for ``sigmoid``; cross-entropy over the classes for ``softmax``; for
+    ``softmax_drop_last`` the cross-entropy over the K class logits, the generated class's left out (−log p(y | x,
+    real): the labeled term of ``SemiSupervisedGANLoss``, so a discriminator can also be trained on labels alone).
+    ``target`` holds one value per class (one-hot, or soft) in every case."""
+
+    def __init__(self, probabilities: str = "sigmoid") -> None:
+        super().__init__()
+        from monai_cxr_ssl.probabilities import check_kind
+
+        self.probabilities = check_kind(probabilities)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(logits.dtype)
+        if self.probabilities == "sigmoid":
+            return F.binary_cross_entropy_with_logits(logits, target)
+        if self.probabilities == "softmax_drop_last":
+            logits = logits[..., :-1]
+        return F.cross_entropy(logits, target)
+
+
 class MaskedBCEWithLogitsLoss(torch.nn.Module):
     """Binary cross-entropy with logits that ignores targets set to NaN.
 

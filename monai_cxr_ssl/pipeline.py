@@ -172,6 +172,7 @@ class Pipeline:
         self.output_dir = Path(parser.get_parsed_content("output_dir"))
         self.split_file = Path(parser.get_parsed_content("split_file"))
         self.labeled_fraction = parser.get_parsed_content("labeled_fraction")
+        self.labeled_per_class = parser.get_parsed_content("labeled_per_class")  # replaces the fraction when set
         self.seed = parser.get_parsed_content("seed")
         self.tracking_uri = parser.get_parsed_content("tracking_uri")
         self.experiment_name = parser.get_parsed_content("experiment_name")
@@ -290,6 +291,8 @@ class Pipeline:
         run_id, created = recorded_run(client, experiment, record, self.run_name)
         if created:  # params are immutable in MLflow; λ and seed cannot change for an output_dir (its split)
             client.log_param(run_id, "labeled_fraction", self.labeled_fraction)
+            if self.labeled_per_class is not None:
+                client.log_param(run_id, "labeled_per_class", self.labeled_per_class)
             client.log_param(run_id, "seed", self.seed)
         client.set_tag(run_id, "method", self.method)
         client.set_tag(run_id, "rounds", str(self.rounds))
@@ -385,7 +388,8 @@ class Pipeline:
         for path in sorted(self.output_dir.glob("results-*.json")):
             if path.stem != f"results-{self._record_name}":
                 other = read_json(path, "pipeline results", "delete it, or re-run that method's pipeline")
-                if (other.get("labeled_fraction"), other.get("seed")) == (results["labeled_fraction"], results["seed"]):
+                keys = ("labeled_fraction", "labeled_per_class", "seed")
+                if [other.get(k) for k in keys] == [results.get(k) for k in keys]:
                     others.append(other)
         return merge_methods([*others, results])
 
@@ -397,6 +401,7 @@ class Pipeline:
         auroc = {step.column: outputs[step.name]["mean_auroc"] for step in ran if step.column}
         results = {
             "labeled_fraction": self.labeled_fraction,
+            **({"labeled_per_class": self.labeled_per_class} if self.labeled_per_class is not None else {}),
             "seed": self.seed,
             "rounds": self.rounds,
             "method": self.method,
@@ -419,7 +424,8 @@ class Pipeline:
         with atomic_write(self.output_dir / "table1.md") as f:
             f.write(folder_table)
         for col, value in auroc.items():
-            client.log_metric(parent, metric_name("test_auroc_" + col), value)
+            if value is not None:  # None: no class of the test split has both positives and negatives
+                client.log_metric(parent, metric_name("test_auroc_" + col), value)
         for path in (own, self.output_dir / "results.json", self.output_dir / "table1.md"):
             client.log_artifact(parent, str(path))
         client.set_terminated(parent, "FINISHED")

@@ -26,15 +26,19 @@ def columns(rounds: int = 1, method: str | None = None) -> list[str]:
 def table1(results: Sequence[dict]) -> list[dict]:
     """Aggregate pipeline results (``{"labeled_fraction", "seed", "auroc": {column: value}}``) into one row per λ,
     highest λ last: ``{"labeled_fraction", "seeds", column: (mean, std) or None}`` over the columns the results
-    have; std is the sample standard deviation over seeds (0 for a single seed)."""
-    by_fraction: dict[float, list[dict]] = defaultdict(list)
+    have; std is the sample standard deviation over seeds (0 for a single seed). Results of pipelines run with
+    ``labeled_per_class`` make rows of their own (after the λ rows, fewest first) that carry it."""
+    by_size: dict[tuple, list[dict]] = defaultdict(list)
     for result in results:
-        by_fraction[float(result["labeled_fraction"])].append(result)
+        per_class = result.get("labeled_per_class")
+        key = (0, float(result["labeled_fraction"])) if per_class is None else (1, int(per_class))
+        by_size[key].append(result)
     cols = list(dict.fromkeys(col for r in results for col in r["auroc"]))  # in first-seen order
     rows = []
-    for fraction in sorted(by_fraction):
-        group = by_fraction[fraction]
-        row: dict = {"labeled_fraction": fraction, "seeds": sorted(r["seed"] for r in group)}
+    for key in sorted(by_size):
+        group = by_size[key]
+        row: dict = {"labeled_fraction": float(group[0]["labeled_fraction"]),
+                     **({"labeled_per_class": key[1]} if key[0] else {}), "seeds": sorted(r["seed"] for r in group)}
         for col in cols:
             values = np.array([r["auroc"][col] for r in group if r["auroc"].get(col) is not None], dtype=float)
             if len(values) == 0:
@@ -132,7 +136,8 @@ def format_table1(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
     """Markdown table in the paper's layout: ``| labeled | teacher | intermediate | student |``, values
     ``mean ± std`` when a row has several seeds, ``-`` where a model does not exist (λ = 100%); ``notes``
     (``table1_notes``) follow the table as lines of their own."""
-    cols = [k for k in rows[0] if k not in ("labeled_fraction", "seeds")] if rows else columns(1)
+    cols = ([k for k in rows[0] if k not in ("labeled_fraction", "labeled_per_class", "seeds")] if rows
+            else columns(1))
     lines = ["| labeled | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for row in rows:
         cells = []
@@ -144,7 +149,10 @@ def format_table1(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
                 cells.append(f"{value[0]:.3f} ± {value[1]:.3f}")
             else:
                 cells.append(f"{value[0]:.3f}")
-        label = "100% (supervised)" if row["labeled_fraction"] >= 1 else f"{row['labeled_fraction'] * 100:g}%"
+        if "labeled_per_class" in row:
+            label = f"{row['labeled_per_class']} per class"
+        else:
+            label = "100% (supervised)" if row["labeled_fraction"] >= 1 else f"{row['labeled_fraction'] * 100:g}%"
         seeds = ",".join(str(s) for s in row["seeds"])
         lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
     if notes:

@@ -44,6 +44,7 @@ RULES: dict[str, Rule] = {
     "labeled_fraction": interval(0, 1, False, True),
     "val_fraction": interval(0, 1, False, False),
     "labeled_prevalence": interval(0, 1, False, False, nullable=True),
+    "labeled_per_class": whole(1, nullable=True),
     "seed": whole(0),
     "image_size": whole(MIN_CROP_SIZE),
     "crop_size": whole(MIN_CROP_SIZE),

@@ -63,6 +63,21 @@ def test_compare_tables_each_evaluation_as_the_pipeline_does(tmp_path):
         assert list(row) == ["labeled_fraction", "teacher"]
 
 
+def test_a_labeled_per_class_run_is_compared_at_the_share_it_labeled(tmp_path):
+    """Its labeled_fraction param is the unused default; its row is the share of training images it labeled."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("per_class", artifact_location=(tmp_path / "a").as_uri())
+    log_evaluations(client, experiment, tmp_path, {("teacher", 0.1, 0): 0.6, ("teacher", 0.1, 1): 0.8})
+    for run in client.search_runs([experiment]):
+        per_class = run.data.params["seed"] == "1"
+        for key, value in {"labeled_per_class": 10 if per_class else None, "num_labeled": 20 if per_class else 40,
+                           "num_unlabeled": 380 if per_class else 360}.items():
+            client.log_param(run.info.run_id, key, value)
+    rows = comparison_table(evaluation_runs(["per_class"], tracking_uri=uri))
+    assert [(r["labeled_fraction"], r["teacher"]["mean"]) for r in rows] == [(0.05, 0.8), (0.1, 0.6)]
+
+
 def test_compare_on_a_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)

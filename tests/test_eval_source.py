@@ -84,7 +84,7 @@ def test_methods_are_tested_on_b_only_and_never_train_on_b_s_validation(sites, t
     split = json.loads((out / "split.json").read_text())
     assert split["classes"] == ["NORMAL", "OPACITY"]
     assert all(it["id"].startswith(EVAL_ID_PREFIX) for it in split["test"] + split["validation"])
-    for stage in ("teacher", "finetune", "ssl_gan"):
+    for stage in ("teacher", "finetune", "supervised_discriminator", "ssl_gan"):
         saved = np.load(out / stage / "test_predictions.npz")
         # the test images are B's, in the split's order: their labels, and the AUROC is scikit-learn's on them
         assert np.array_equal(saved["labels"].reshape(len(split["test"]), -1), [it["label"] for it in split["test"]])
@@ -98,5 +98,5 @@ def test_methods_are_tested_on_b_only_and_never_train_on_b_s_validation(sites, t
     kept = {it["id"] for it in json.loads((out / "pseudo_label" / "filtered.json").read_text())["items"]}
     assert kept and not kept & validation and all(i.startswith(EVAL_ID_PREFIX) for i in kept)
     table = (out / "table1.md").read_text()
-    assert "| teacher | intermediate | student | ssl-gan |" in table
+    assert "| teacher | intermediate | student | supervised discriminator | ssl-gan |" in table
     assert f"Labeled images: ClassFolders(root={str(a)!r}" in table and "(eval_source)." in table

@@ -130,3 +130,24 @@ def test_generator_losses_known_answers():
     logits = [[-2.0, -1.0], [0.0, 0.0]]
     by_hand = sum(-math.log(1 - 1 / (1 + sum(math.exp(v) for v in row))) for row in logits) / 2
     assert non_saturating_generator_loss(torch.tensor(logits)).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_supervised_loss_follows_the_probabilities_setting():
+    """Known answers: BCE per class for sigmoid; −log softmax of the true class for softmax; the same over the K class
+    logits for softmax_drop_last, whose generated class gets no gradient."""
+    import math
+
+    from monai_cxr_ssl.losses import SupervisedLoss
+
+    sigmoid = SupervisedLoss("sigmoid")(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.0]]))
+    assert sigmoid.item() == pytest.approx((math.log(2) + math.log(1 + math.exp(2))) / 2)
+    expected = math.log(1 + math.exp(-1) + math.exp(-2))  # the true class's logit is 3
+    softmax = SupervisedLoss("softmax")(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.0, 0.0, 1.0]]))
+    assert softmax.item() == pytest.approx(expected)
+    logits = torch.tensor([[1.0, 2.0, 3.0, 10.0]], requires_grad=True)
+    dropped = SupervisedLoss("softmax_drop_last")(logits, torch.tensor([[0.0, 0.0, 1.0]]))
+    assert dropped.item() == pytest.approx(expected)
+    dropped.backward()
+    assert logits.grad[0, 3] == 0 and logits.grad[0, 2] < 0
+    with pytest.raises(ValueError, match="probabilities must be one of"):
+        SupervisedLoss("softmin")

@@ -54,3 +54,15 @@ def test_classes_the_split_left_out_are_named_in_test_classes_and_under_table1()
     (line, *_) = table1_notes([{"auroc": {"teacher": report["mean_auroc"]}, "test_classes": {"teacher": covered}}])
     assert line == ("Mean AUROC over 1 class(es): Effusion; left out of training and testing (too few labeled "
                     f"positives, setting min_positives): Hernia (0 labeled of {pool_count} in the training pool).")
+
+
+def test_table1_rows_of_labeled_per_class_runs_stand_apart_from_the_fractions():
+    def result(seed: int, auroc: float, per_class: int | None = None) -> dict:
+        return {"labeled_fraction": 0.1, "seed": seed, "auroc": {"teacher": auroc},
+                **({"labeled_per_class": per_class} if per_class else {})}
+
+    rows = table1([result(0, 0.6), result(0, 0.7, 100), result(1, 0.8, 100), result(0, 0.9, 10)])
+    assert [(r.get("labeled_per_class"), r["seeds"]) for r in rows] == [(None, [0]), (10, [0]), (100, [0, 1])]
+    lines = format_table1(rows).splitlines()
+    assert lines[2:] == ["| 10% | 0 | 0.600 |", "| 10 per class | 0 | 0.900 |",
+                         "| 100 per class | 0,1 | 0.750 ± 0.071 |"]

@@ -364,3 +364,61 @@ def test_load_split_errors(tmp_path):
     (tmp_path / "other.json").write_text('{"version": 1}')
     with pytest.raises(ValueError, match="not a version-1 split file"):
         load_split(tmp_path / "other.json")
+
+
+def _exclusive_pool(n: int, per_patient: int = 1) -> list[dict]:
+    """``n`` one-hot items of three classes (about 60/30/10%), patients of ``per_patient`` images of one class."""
+    rng = np.random.default_rng(5)
+    classes = rng.choice(3, size=n // per_patient, p=[0.6, 0.3, 0.1])
+    return [{"image": f"/data/{i:04d}.png", "id": f"{i:04d}.png", "patient_id": str(i // per_patient),
+             "label": [float(c == classes[i // per_patient]) for c in range(3)]} for i in range(n)]
+
+
+@pytest.mark.parametrize("per_patient", [1, 3])
+def test_labeled_per_class_draws_that_many_images_of_each_class(per_patient):
+    pool = _exclusive_pool(600, per_patient)
+    split = make_split(pool, 0.1, seed=2, labeled_per_class=6, classes=["a", "b", "c"])
+    counts = np.sum([it["label"] for it in split["labeled"]], axis=0)
+    assert counts.tolist() == [6, 6, 6]
+    assert sorted(sum((ids(split[p]) for p in PARTS), [])) == sorted(ids(pool))
+    patients = [{it["patient_id"] for it in split[p]} for p in PARTS]
+    assert not any(patients[i] & patients[j] for i in range(4) for j in range(i + 1, 4))
+    # validation and test are the labeled_fraction split's: counts compare on the same held-out images
+    by_fraction = make_split(pool, 0.1, seed=2, classes=["a", "b", "c"])
+    assert split["validation"] == by_fraction["validation"] and split["test"] == by_fraction["test"]
+    again = make_split(pool, 0.1, seed=2, labeled_per_class=6, classes=["a", "b", "c"])
+    other = make_split(pool, 0.1, seed=3, labeled_per_class=6, classes=["a", "b", "c"])
+    assert ids(again["labeled"]) == ids(split["labeled"]) != ids(other["labeled"])
+
+
+def test_labeled_per_class_on_binary_labels_counts_the_negatives_as_a_class():
+    split = make_split(make_items(400, prevalence=0.2), 0.1, labeled_per_class=10)
+    positives = sum(it["label"][0] for it in split["labeled"])
+    assert (len(split["labeled"]), positives) == (20, 10)
+
+
+def test_labeled_per_class_refusals():
+    multilabel = _exclusive_pool(60)
+    multilabel[0]["label"] = [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match=r"mutually exclusive classes .* image '0000.png' has 2 positive"):
+        make_split(multilabel, 0.1, labeled_per_class=2)
+    with pytest.raises(ValueError, match=r"labeled_per_class=40: class 'c' has \d+ image\(s\) in the training pool"):
+        make_split(_exclusive_pool(300), 0.1, labeled_per_class=40, classes=["a", "b", "c"])
+    with pytest.raises(ValueError, match="labeled_prevalence and labeled_per_class both"):
+        make_split(make_items(200), 0.1, labeled_per_class=5, labeled_prevalence=0.1)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="labeled_per_class must be an integer >= 1"):
+            make_split(make_items(200), 0.1, labeled_per_class=bad)
+
+
+def test_prepare_split_records_labeled_per_class(tmp_path):
+    for cls, n in (("NORMAL", 20), ("OPACITY", 12)):
+        for i in range(n):
+            write_png(tmp_path / "train" / cls / f"{i}.png")
+    source = ClassFolders(str(tmp_path))
+    split = prepare_split(source, tmp_path / "split.json", 0.1, labeled_per_class=3)
+    assert split["params"]["labeled_per_class"] == 3
+    assert np.sum([it["label"] for it in split["labeled"]], axis=0).tolist() == [3, 3]
+    assert prepare_split(source, tmp_path / "split.json", 0.1, labeled_per_class=3)["labeled"] == split["labeled"]
+    with pytest.raises(ValueError, match="different parameters"):
+        prepare_split(source, tmp_path / "split.json", 0.1, labeled_per_class=4)

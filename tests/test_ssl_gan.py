@@ -257,14 +257,20 @@ def test_the_method_killed_and_resumed_equals_a_straight_run_exports_and_deploys
     assert run.data.params["generator_loss"] == "feature_matching" and run.data.params["discriminator"] == "dcgan"
 
     results = json.loads((out / "results-ssl_gan.json").read_text())
-    assert list(results["auroc"]) == ["teacher", "ssl-gan"]
-    saved = np.load(out / "ssl_gan" / "test_predictions.npz")
-    assert saved["probs"].shape[1] == 2 and np.allclose(saved["probs"].sum(axis=1), 1, atol=1e-5)
-    report = json.loads((out / "ssl_gan" / "test_metrics.json").read_text())
-    for k, name in enumerate(["NORMAL", "OPACITY"]):
-        assert report["auroc"][name] == pytest.approx(roc_auc_score(saved["labels"][:, k], saved["probs"][:, k]))
-    assert results["auroc"]["ssl-gan"] == pytest.approx(report["mean_auroc"])
-    assert report["accuracy"] == pytest.approx(accuracy_score(saved["labels"].argmax(1), saved["probs"].argmax(1)))
+    assert list(results["auroc"]) == ["teacher", "supervised discriminator", "ssl-gan"]
+    for stage, column in (("supervised_discriminator", "supervised discriminator"), ("ssl_gan", "ssl-gan")):
+        saved = np.load(out / stage / "test_predictions.npz")
+        assert saved["probs"].shape[1] == 2 and np.allclose(saved["probs"].sum(axis=1), 1, atol=1e-5)
+        report = json.loads((out / stage / "test_metrics.json").read_text())
+        for k, name in enumerate(["NORMAL", "OPACITY"]):
+            assert report["auroc"][name] == pytest.approx(roc_auc_score(saved["labels"][:, k], saved["probs"][:, k]))
+        assert results["auroc"][column] == pytest.approx(report["mean_auroc"])
+        assert report["accuracy"] == pytest.approx(accuracy_score(saved["labels"].argmax(1), saved["probs"].argmax(1)))
+    # the baseline is the GAN's discriminator (K + 1 outputs), trained on the labeled images alone: no GAN terms
+    supervised = DCGANDiscriminator(num_classes=3, base_channels=8)
+    supervised.load_state_dict(torch.load(out / "supervised_discriminator" / "models" / "model.pt", weights_only=True))
+    last = torch.load(out / "supervised_discriminator" / "models" / "last.pt", weights_only=False)
+    assert "generator" not in last and "network" in last
 
     subprocess.run([sys.executable, "-m", "monai_cxr_ssl.cli", "export", str(out), "-o", str(tmp_path / "model.ts"),
                     "--ood-images", "0"], check=True, capture_output=True, timeout=600)

@@ -107,6 +107,11 @@ def _check_fraction(name: str, value: float, allow_one: bool = False) -> None:
         raise ValueError(f"{name} must be in {interval}, got {value}.")
 
 
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
 def _positives(items: Sequence[dict], num_classes: int) -> list[int]:
     """Number of positive images per class."""
     if not items:
@@ -130,6 +135,52 @@ def _limit_prevalence(parts: dict[str, list[dict]], prevalence: float, num_class
     parts["labeled"] = [it for it in parts["labeled"] if it["id"] not in moved]
 
 
+def _per_class(groups: list[list[dict]], per_class: int, names: list[str], rng) -> dict[str, list[dict]]:
+    """``per_class`` labeled images of each class (for binary labels: the positives and the negatives), whole
+    patients drawn at random, the rest unlabeled; the classes must be mutually exclusive.
+
+    A patient whose images would overshoot a class's count is passed over, so each class gets exactly
+    ``per_class`` images unless the patients left cannot make the count (then fewer, logged)."""
+    binary = len(names) == 1
+    classes = [f"not {names[0]}", names[0]] if binary else names
+
+    def class_of(it: dict) -> int:
+        positive = [c for c, v in enumerate(it["label"]) if v > 0]
+        if binary:
+            return len(positive)
+        if len(positive) != 1:
+            raise ValueError(
+                f"labeled_per_class needs mutually exclusive classes (one per image); image {it['id']!r} has "
+                f"{len(positive)} positive class(es) among {names}. Use labeled_fraction for multi-label data.")
+        return positive[0]
+
+    by_class: dict[int, list[list[dict]]] = defaultdict(list)
+    for group in groups:  # a patient with images of several classes counts as the class of its first image
+        for it in group:
+            class_of(it)
+        by_class[class_of(group[0])].append(group)
+    labeled, unlabeled = [], []
+    for c, name in enumerate(classes):
+        available = sum(len(g) for g in by_class[c])
+        if available < per_class:
+            raise ValueError(
+                f"labeled_per_class={per_class}: class {name!r} has {available} image(s) in the training pool; lower "
+                "labeled_per_class or use labeled_fraction.")
+        taken = 0
+        for i in rng.permutation(len(by_class[c])):
+            group = by_class[c][i]
+            if taken + len(group) <= per_class:
+                labeled.extend(group)
+                taken += len(group)
+            else:
+                unlabeled.extend(group)
+        if taken < per_class:
+            logger.warning("labeled_per_class=%d: class %r gets %d labeled image(s): its patients left have more "
+                           "images each than the count lacks.", per_class, name, taken)
+    return {"labeled": sorted(labeled, key=lambda it: it["id"]),
+            "unlabeled": sorted(unlabeled, key=lambda it: it["id"])}
+
+
 def make_split(
     pool: Sequence[dict],
     labeled_fraction: float,
@@ -141,6 +192,7 @@ def make_split(
     classes: Sequence[str] | None = None,
     labeled_prevalence: float | None = None,
     min_positives: int = 1,
+    labeled_per_class: int | None = None,
 ) -> dict[str, Any]:
     """Split datalist items into ``labeled``, ``unlabeled``, ``validation`` and ``test`` parts.
 
@@ -167,12 +219,17 @@ def make_split(
     moving randomly chosen labeled positives to the unlabeled part, to study a rarer finding on the same images;
     a labeled part already at or below it is left as it is.
 
+    ``labeled_per_class`` (mutually exclusive classes only; for binary labels the negatives are a class) replaces
+    ``labeled_fraction``: the labeled part is that many images of each class, whole patients drawn at random
+    (``_per_class``), as in the semi-supervised GAN papers' tables (10 or 100 labeled images per class).
+
     Raises:
         ValueError: on bad fractions, an empty pool, duplicate ids, a labeled part where no class keeps
             ``min_positives`` positives, or (binary labels) one without a negative.
     """
-    if isinstance(min_positives, bool) or not isinstance(min_positives, int) or min_positives < 1:
-        raise ValueError(f"min_positives must be an integer >= 1, got {min_positives!r}.")
+    _check_count("min_positives", min_positives)
+    if labeled_per_class is not None:
+        _check_count("labeled_per_class", labeled_per_class)
     _check_fraction("labeled_fraction", labeled_fraction, allow_one=True)
     _check_fraction("val_fraction", val_fraction)
     _check_fraction("test_fraction", test_fraction)
@@ -193,17 +250,21 @@ def make_split(
     groups = _groups(items)
     held_out = _allocate(_strata(groups, num_classes), {"train": 1 - sum(carved.values()), **carved}, rng)
     train_groups = _groups(held_out["train"])
-    parts = _allocate(
-        _strata(train_groups, num_classes), {"labeled": labeled_fraction, "unlabeled": 1 - labeled_fraction}, rng
-    )
+    names = list(classes) if classes is not None else [f"#{c}" for c in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names {names} for label vectors of length {num_classes}.")
+    if labeled_per_class is not None:
+        if labeled_prevalence is not None:
+            raise ValueError("labeled_prevalence and labeled_per_class both set the labeled part's classes; set one.")
+        parts = _per_class(train_groups, labeled_per_class, names, rng)
+    else:
+        parts = _allocate(_strata(train_groups, num_classes),
+                          {"labeled": labeled_fraction, "unlabeled": 1 - labeled_fraction}, rng)
     if labeled_prevalence is not None:
         _limit_prevalence(parts, labeled_prevalence, num_classes, rng)
     parts["validation"] = held_out["validation"] if validation is None else sorted(validation, key=lambda it: it["id"])
     parts["test"] = held_out["test"] if test is None else sorted(test, key=lambda it: it["id"])
 
-    names = list(classes) if classes is not None else [f"#{c}" for c in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names {names} for label vectors of length {num_classes}.")
     labeled = parts["labeled"]
     positives = _positives(labeled, num_classes)
     in_pool = _positives(labeled + parts["unlabeled"], num_classes)
@@ -215,8 +276,9 @@ def make_split(
         raise ValueError(f"{carving or 'the split lists'} {leave} no image of the {len(items)} for training; lower "
                          f"{'them' if ' and ' in carving else 'it'}.")
     left = f": what {carving} {leave} of {len(items)}" if carving else ""
-    where = (f"the labeled part ({len(labeled)} of {num_train} training images{left}; "
-             f"labeled_fraction={labeled_fraction}, seed={seed})")
+    size = (f"labeled_fraction={labeled_fraction}" if labeled_per_class is None
+            else f"labeled_per_class={labeled_per_class}")
+    where = f"the labeled part ({len(labeled)} of {num_train} training images{left}; {size}, seed={seed})"
     fractions = [part.split("=")[0] for part in carving.split(" and ")] if carving else []
     remedy = "try another seed" + (f" or a lower {' or '.join(fractions)}" if fractions else "")
     if num_classes == 1 and (positives[0] == 0 or positives[0] == len(labeled)):
@@ -479,6 +541,7 @@ def prepare_split(
     unlabeled_source: str | os.PathLike | None = None,
     unlabeled_source_column: str = "image",
     eval_source=None,
+    labeled_per_class: int | None = None,
 ) -> dict:
     """Load ``source``, then return the split stored in ``split_file``, making and writing it on first use.
 
@@ -508,6 +571,8 @@ def prepare_split(
             labels (with ``unlabeled_source``'s images, if given), validation and test are B's images (its own
             lists, or carved from its pool as A's are), labels mapped onto A's classes by name; B's classes must be
             among A's. The split's ``eval_source`` records B, its counts and what it replaced.
+        labeled_per_class: that many labeled images of each class instead of ``labeled_fraction`` (mutually
+            exclusive classes; see ``make_split``).
 
     Returns:
         The split: ``labeled``, ``unlabeled``, ``validation`` and ``test`` datalists plus ``classes`` (the kept
@@ -532,6 +597,9 @@ def prepare_split(
         params["min_positives"] = min_positives
     if eval_source is not None:
         params["eval_source"] = repr(eval_source)
+    if labeled_per_class is not None:
+        _check_count("labeled_per_class", labeled_per_class)
+        params["labeled_per_class"] = labeled_per_class
     source_fingerprint = current = fingerprint(everything)
     extra = None
     if unlabeled_source is not None:
@@ -574,6 +642,7 @@ def prepare_split(
         classes=[data.classes[c] for c in chosen],
         labeled_prevalence=labeled_prevalence,
         min_positives=min_positives,
+        labeled_per_class=labeled_per_class,
     )
     if num_classes is not None:
         check_num_classes(num_classes, made)
