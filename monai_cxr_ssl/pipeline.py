@@ -149,6 +149,9 @@ class Pipeline:
                              "pipeline, not a stage setting: pass Pipeline(..., "
                              f"{', '.join(f'{k}={v!r}' for k, v in options.items())}).")
         self.common, self.per_kind = split_overrides(overrides)
+        if "labeled_fraction" in self.common and self.common.get("labeled_per_class") is not None:
+            raise ValueError("labeled_fraction and labeled_per_class both size the labeled part; set one (the split "
+                             "draws labeled_per_class images of each class instead of a fraction).")
         if "linear_probe" in self.common:  # the teacher's setting: a method's own stages learn their whole network
             self.per_kind[methods.TEACHER.name].setdefault("linear_probe", self.common.pop("linear_probe"))
         self.bundle = bundle
@@ -458,6 +461,9 @@ def run_sweep(
     if not labeled_fractions or not seeds:
         raise ValueError("a sweep needs at least one labeled fraction and one seed.")
     common, _ = split_overrides(dict(overrides))
+    if common.get("labeled_per_class") is not None:
+        raise ValueError("a sweep varies labeled_fraction, which labeled_per_class replaces: every λ would be the "
+                         "same split. Run `monai-cxr-ssl pipeline` once per count (and seed) instead.")
     parser = make_workflow([methods.TEACHER.config, *overlays], bundle, **common).parser
     base = Path(parser.get_parsed_content("output_dir"))
     tracking_uri = parser.get_parsed_content("tracking_uri")  # one store for the sweep (by default in its folder)

@@ -291,3 +291,13 @@ def test_pipeline_options_are_arguments_not_stage_settings():
         {"method": "mean_teacher", "rounds": 2}, {"seed": 1})
     with pytest.raises(ValueError, match=r"pass Pipeline\(\.\.\., method='mean_teacher'\)"):
         Pipeline([], {"method": "mean_teacher"})
+
+
+def test_labeled_per_class_is_refused_beside_labeled_fraction_and_in_a_sweep(tmp_path):
+    from monai_cxr_ssl.pipeline import Pipeline, run_sweep
+
+    with pytest.raises(ValueError, match="labeled_fraction and labeled_per_class both size the labeled part"):
+        Pipeline([], {"labeled_fraction": 0.1, "labeled_per_class": 10})
+    with pytest.raises(ValueError, match="a sweep varies labeled_fraction, which labeled_per_class replaces"):
+        run_sweep([], {"labeled_per_class": 10, "output_dir": str(tmp_path)}, [0.1, 0.2])
+    assert not any(tmp_path.iterdir())  # refused before any work

@@ -409,6 +409,11 @@ def test_labeled_per_class_refusals():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="labeled_per_class must be an integer >= 1"):
             make_split(make_items(200), 0.1, labeled_per_class=bad)
+    from monai_cxr_ssl.settings import check_values
+
+    with pytest.raises(ValueError, match="labeled_per_class"):  # the setting, before any work
+        check_values({"labeled_per_class": 0})
+    check_values({"labeled_per_class": None})
 
 
 def test_prepare_split_records_labeled_per_class(tmp_path):

@@ -155,10 +155,9 @@ def _per_class(groups: list[list[dict]], per_class: int, names: list[str], rng) 
         return positive[0]
 
     by_class: dict[int, list[list[dict]]] = defaultdict(list)
-    for group in groups:  # a patient with images of several classes counts as the class of its first image
-        for it in group:
-            class_of(it)
-        by_class[class_of(group[0])].append(group)
+    for group in groups:
+        kinds = [class_of(it) for it in group]  # every image checked
+        by_class[kinds[0]].append(group)  # a patient with images of several classes counts as its first image's
     labeled, unlabeled = [], []
     for c, name in enumerate(classes):
         available = sum(len(g) for g in by_class[c])
