@@ -183,6 +183,19 @@ def test_binary_data_stops_the_pipeline_before_the_teacher(data, tmp_path):
     assert not (out / "teacher").exists()
 
 
+def test_the_discriminator_ema_starts_as_the_discriminator_and_ramps_to_its_decay(data, tmp_path):
+    """Its momentum is 1 at the first iteration (the EMA is the discriminator), 1 − decay from iteration 1 / (1 −
+    decay) on, linear between: a short run does not evaluate an average of mostly random initial weights."""
+    from monai_cxr_ssl.workflow import make_workflow
+
+    parser = make_workflow(["ssl_gan", "demo", "multiclass"], **_settings(data, tmp_path / "out",
+                                                                         discriminator_ema_decay=0.99)).parser
+    ema = parser.get_parsed_content("train#d_ema")
+    momentum = ema._momentum_lambda_obj  # ignite's EMAWarmUp, called with the iteration
+    assert momentum(1) == 1.0 and momentum(100) == momentum(5000) == pytest.approx(0.01)
+    assert momentum(50) == pytest.approx(1 - 0.99 * 49 / 99)
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ({"crop_size": 40, "image_size": 40}, "crop_size=40: the GAN's generator makes square images of"),
     ({"discriminator": "resnet"}, "discriminator='resnet' must be one of"),
