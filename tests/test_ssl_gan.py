@@ -127,6 +127,14 @@ def test_one_step_is_the_semi_supervised_gan_step_written_out():
     assert float(output["labeled_accuracy"]) == float((real[:4].argmax(1) == torch.tensor([0, 1, 1, 0])).float().mean())
 
 
+def test_the_dcgan_discriminator_sees_its_images_in_minus_one_to_one():
+    """Images in [0, 1] (the pipeline's and the generator's) are centred first: mid-grey is 0 to its convolutions."""
+    net = DCGANDiscriminator(num_classes=3, base_channels=4, dropout=0.0).eval()
+    grey, black = torch.full((1, 1, 16, 16), 0.5), torch.zeros(1, 1, 16, 16)
+    torch.testing.assert_close(net.pooled_features(grey), net.pool(net.features(black)))
+    torch.testing.assert_close(net.pooled_features(black), net.pool(net.features(-torch.ones(1, 1, 16, 16))))
+
+
 def test_a_densenet_discriminator_keeps_the_running_statistics_of_its_own_step():
     """With DenseNet121 as the discriminator, the generator's step leaves its BatchNorm statistics as the
     discriminator's step made them (under torchrun they are then the same on every rank)."""
