@@ -198,8 +198,7 @@ def test_the_discriminator_ema_starts_as_the_discriminator_and_ramps_to_its_deca
 
     parser = make_workflow(["ssl_gan", "demo", "multiclass"], **_settings(data, tmp_path / "out",
                                                                          discriminator_ema_decay=0.99)).parser
-    ema = parser.get_parsed_content("train#d_ema")
-    momentum = ema._momentum_lambda_obj  # ignite's EMAWarmUp, called with the iteration
+    momentum = parser.get_parsed_content("train#d_ema").momentum_at  # of the trainer's iteration: resumable
     assert momentum(1) == 1.0 and momentum(100) == momentum(5000) == pytest.approx(0.01)
     assert momentum(50) == pytest.approx(1 - 0.99 * 49 / 99)
 

@@ -28,6 +28,8 @@ import os
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import EMAHandler
 from monai.engines import GanTrainer
 from monai.engines.utils import default_make_latent
 from monai.utils.enums import CommonKeys as Keys
@@ -37,7 +39,7 @@ from monai_cxr_ssl.engines.semi_supervised import UnlabeledBatches
 from monai_cxr_ssl.losses import FeatureMatchingLoss, SemiSupervisedGANLoss, non_saturating_generator_loss
 from monai_cxr_ssl.networks.gan import real_class_logits
 
-__all__ = ["GENERATOR_LOSSES", "GanMonitor", "SemiSupervisedGanTrainer", "check_exclusive_classes"]
+__all__ = ["GENERATOR_LOSSES", "GanMonitor", "SemiSupervisedGanTrainer", "WarmupEMAHandler", "check_exclusive_classes"]
 
 logger = logging.getLogger("monai_cxr_ssl")
 
@@ -161,6 +163,29 @@ class SemiSupervisedGanTrainer(GanTrainer):
                 "p_generated_fake": p_generated[n_lab + n_unl:].mean(),
                 "labeled_accuracy": (logits[:n_lab].argmax(dim=1) == classes).float().mean(),
             }
+
+
+class WarmupEMAHandler(EMAHandler):
+    """Ignite's ``EMAHandler`` whose momentum warms up linearly from 1 (the average is the network itself) to
+    ``momentum`` over the first ``warmup_iters`` iterations, so that a short run does not evaluate an average still
+    mostly made of the random initial weights. The momentum is a function of the trainer's iteration: ignite's own
+    warm-up counts its calls from the handler's creation, so a resumed run would start it again."""
+
+    def __init__(self, model: torch.nn.Module, momentum: float, warmup_iters: int, handle_buffers: str = "update"):
+        super().__init__(model, momentum=momentum, handle_buffers=handle_buffers)
+        self.warmup_iters = int(warmup_iters)
+
+    def momentum_at(self, iteration: int) -> float:
+        """The momentum of iteration ``iteration`` (counted from 1)."""
+        if iteration >= self.warmup_iters:
+            return self.momentum
+        return 1.0 + (self.momentum - 1.0) * (iteration - 1) / max(1, self.warmup_iters - 1)
+
+    def attach(self, engine: Engine, name: str = "ema_momentum", warn_if_exists: bool = True,
+               event: Any = Events.ITERATION_COMPLETED) -> None:
+        # registered first: ignite calls an event's handlers in order, so the update uses this iteration's momentum
+        engine.add_event_handler(event, lambda e: setattr(e.state, name, self.momentum_at(e.state.iteration)))
+        super().attach(engine, name, warn_if_exists, event)
 
 
 class GanMonitor:
