@@ -15,6 +15,8 @@ never see an adult image (**without** the unlabeled adult images); the ssl-gan l
 paper's middle row, a GAN that learnt from the first site's unlabeled images only, is the few-labels run's ssl-gan
 with the same labeled images (``--da-per-class`` among ``--per-class``), tested on the same adult test images.
 
+A data check beside them: how well an image's brightness alone ranks PNEUMONIA at each site (``brightness``).
+
 Each pipeline is one part, recorded in ``<output-dir>/parts.json`` with the schedule it ran with when it finishes:
 a rerun skips finished parts and a part interrupted half-way resumes from its stage folders.
 
@@ -78,6 +80,23 @@ def nih_pneumonia_csv(sample: Path, out: Path) -> dict:
     return dict(sorted(counts.items()))
 
 
+def brightness_auroc(name: str, images: list[str], pneumonia: list[int]) -> dict:
+    """How well an image's brightness alone ranks PNEUMONIA (AUROC of the mean grey level, whole image and central
+    half, at 64 px): a data check that tells whether a site's pneumonia images are brighter or darker than its normal
+    ones, a cue a small model trained at one site may carry to the other."""
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    whole, centre = [], []
+    for path in images:
+        pixels = np.asarray(Image.open(path).convert("L").resize((64, 64)), dtype=float) / 255
+        whole.append(pixels.mean())
+        centre.append(pixels[16:48, 16:48].mean())
+    return {"images": name, "n": len(images), "PNEUMONIA": int(sum(pneumonia)),
+            "AUROC of the mean grey level": round(float(roc_auc_score(pneumonia, whole)), 3),
+            "AUROC of the central half's": round(float(roc_auc_score(pneumonia, centre)), 3)}
+
+
 def stage_report(stage_dir: Path) -> dict:
     """An evaluated stage's test accuracy and AUROC (PNEUMONIA's: with two softmax classes both are the same)."""
     report = json.loads((stage_dir / "test_metrics.json").read_text())
@@ -128,6 +147,14 @@ def main() -> None:
     nih_counts = nih_pneumonia_csv(Path(args.nih), nih_csv)
     eval_source = json.dumps({"_target_": "monai_cxr_ssl.data.CsvSource", "csv_path": str(nih_csv),
                               "label_columns": ["NORMAL", "PNEUMONIA"], "patient_column": "patient"})
+    with open(nih_csv, newline="") as f:
+        adult = list(csv.DictReader(f))
+    kermany_test = {c: sorted(map(str, (Path(args.kermany) / "test" / c).glob("*"))) for c in ("NORMAL", "PNEUMONIA")}
+    brightness = [
+        brightness_auroc("Kermany test split (children)", [*kermany_test["NORMAL"], *kermany_test["PNEUMONIA"]],
+                         [0] * len(kermany_test["NORMAL"]) + [1] * len(kermany_test["PNEUMONIA"])),
+        brightness_auroc("NIH sample, Pneumonia vs No Finding (adults)", [r["image"] for r in adult],
+                         [int(r["PNEUMONIA"]) for r in adult])]
     parts = Parts(base / "parts.json")
     start = time.perf_counter()
 
@@ -160,7 +187,9 @@ def main() -> None:
         def run() -> dict:
             weights.parent.mkdir(exist_ok=True)
             shutil.copyfile(trained / "ssl_gan" / "models" / "model.pt", weights)
-            values = {k: v for k, v in common.items() if k != "method"}
+            # an evaluation takes the data and tracking settings only, none of the training schedule's
+            values = {k: common[k] for k in ("tracking_uri", "experiment_name", "dataset_dir", "image_size",
+                                             "crop_size")}
             cli("run", "evaluate_ssl_gan", "kermany", "multiclass", "cpu_small", *settings(
                 **values, labeled_per_class=args.da_per_class, seed=seed, eval_source=eval_source, output_dir=out,
                 stage="ssl_gan_kermany_only", ckpt_path=weights), log=log)
@@ -186,7 +215,7 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
     print(json.dumps([{k: r[k] for k in ("setting", "model", "accuracy", "AUROC")} for r in rows], indent=1))
     write_results(__file__, {"rows": rows, "schedule": sorted(schedules),
-                             "nih_pneumonia_vs_no_finding": nih_counts,
+                             "nih_pneumonia_vs_no_finding": nih_counts, "brightness": brightness,
                              "part_minutes": {k: v["minutes"] for k, v in parts.done.items()},
                              "minutes_this_run": round(minutes, 1)},
                   {**{k: str(v) for k, v in common.items() if k != "tracking_uri"},
