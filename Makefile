@@ -24,8 +24,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/monai-cxr-ssl demo
 
+# Two pytest-xdist workers, a test file each at a time (its module fixtures made once), the long files first
+# (tests/conftest.py): on 2 cores the suite's process start-ups, SQLite writes and waits for killed runs leave a
+# core idle that one process at a time would not use.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The wheel in a fresh virtual environment outside the checkout: demo, bundle-path, python -m monai.bundle run.
 wheel-test:

@@ -24,6 +24,18 @@ SHARED_DATA = Path(os.environ.get("MONAI_CXR_SSL_SHARED_DATA",
 PAUSE_AFTER_EPOCH_1 = Path(__file__).resolve().parent / "data" / "pause_after_epoch_1.json"
 
 
+# The test files that take minutes, longest first, run before the others: `make test`'s workers (pytest-xdist,
+# --dist loadfile --no-loadscope-reorder) take whole files in this order, so no long file is left running alone at
+# the end while the other worker idles.
+LONG_FILES = ("test_distributed.py", "test_readme.py", "test_pipeline.py", "test_s2mts2.py", "test_simclr.py",
+              "test_ssl_gan.py", "test_mean_teacher_bundle.py", "test_tracking.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The ``LONG_FILES`` first; a file's tests stay together and in their order (a stable sort)."""
+    items.sort(key=lambda item: LONG_FILES.index(item.path.name) if item.path.name in LONG_FILES else len(LONG_FILES))
+
+
 def shared_path(*parts: str) -> Path:
     """A path under the real-data folder; the test skips, naming it and how to point elsewhere, when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
