@@ -57,9 +57,10 @@ PAPER = {"10 per class": {"teacher": 51.27, "supervised discriminator": 51.27, "
                                "ssl-gan": 93.7}}
 
 
-def nih_pneumonia_csv(sample: Path, out: Path) -> dict:
+def nih_pneumonia_csv(sample: Path, out: Path) -> tuple[dict, list[tuple[str, int]]]:
     """A CSV of the sample's Pneumonia and No Finding images (classes NORMAL, PNEUMONIA; patient; no split column):
-    the eval_source of the domain adaptation run. Returns its counts per official list and class."""
+    the eval_source of the domain adaptation run. Returns its counts per official list and class, and its images
+    with their PNEUMONIA label."""
     test = set((sample / "test_list.txt").read_text().split())
     rows, counts = [], {}
     with open(sample / "Data_Entry_2017.csv", newline="") as f:
@@ -77,22 +78,24 @@ def nih_pneumonia_csv(sample: Path, out: Path) -> dict:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return dict(sorted(counts.items()))
+    return dict(sorted(counts.items())), [(r["image"], r["PNEUMONIA"]) for r in rows]
 
 
-def brightness_auroc(name: str, images: list[str], pneumonia: list[int]) -> dict:
-    """How well an image's brightness alone ranks PNEUMONIA (AUROC of the mean grey level, whole image and central
-    half, at 64 px): a data check that tells whether a site's pneumonia images are brighter or darker than its normal
-    ones, a cue a small model trained at one site may carry to the other."""
+def brightness_auroc(name: str, images: list[tuple[str, int]]) -> dict:
+    """How well an image's brightness alone ranks PNEUMONIA over ``images`` (path, PNEUMONIA label): the AUROC of
+    the mean grey level, whole image and central half, at 64 px. A data check that tells whether a site's pneumonia
+    images are brighter or darker than its normal ones, a cue a small model trained at one site may carry to the
+    other."""
     from PIL import Image
     from sklearn.metrics import roc_auc_score
 
     whole, centre = [], []
-    for path in images:
+    for path, _ in images:
         pixels = np.asarray(Image.open(path).convert("L").resize((64, 64)), dtype=float) / 255
         whole.append(pixels.mean())
         centre.append(pixels[16:48, 16:48].mean())
-    return {"images": name, "n": len(images), "PNEUMONIA": int(sum(pneumonia)),
+    pneumonia = [label for _, label in images]
+    return {"images": name, "n": len(images), "PNEUMONIA": sum(pneumonia),
             "AUROC of the mean grey level": round(float(roc_auc_score(pneumonia, whole)), 3),
             "AUROC of the central half's": round(float(roc_auc_score(pneumonia, centre)), 3)}
 
@@ -144,17 +147,13 @@ def main() -> None:
     schedule = (f"{args.crop_size} px; teacher and supervised discriminator {args.epochs} epochs, GAN "
                 f"{args.gan_epochs} epochs of {args.max_unlabeled} unlabeled; validation every {args.val_interval}")
     nih_csv = base / "nih_pneumonia_vs_no_finding.csv"
-    nih_counts = nih_pneumonia_csv(Path(args.nih), nih_csv)
+    nih_counts, adult = nih_pneumonia_csv(Path(args.nih), nih_csv)
     eval_source = json.dumps({"_target_": "monai_cxr_ssl.data.CsvSource", "csv_path": str(nih_csv),
                               "label_columns": ["NORMAL", "PNEUMONIA"], "patient_column": "patient"})
-    with open(nih_csv, newline="") as f:
-        adult = list(csv.DictReader(f))
-    kermany_test = {c: sorted(map(str, (Path(args.kermany) / "test" / c).glob("*"))) for c in ("NORMAL", "PNEUMONIA")}
-    brightness = [
-        brightness_auroc("Kermany test split (children)", [*kermany_test["NORMAL"], *kermany_test["PNEUMONIA"]],
-                         [0] * len(kermany_test["NORMAL"]) + [1] * len(kermany_test["PNEUMONIA"])),
-        brightness_auroc("NIH sample, Pneumonia vs No Finding (adults)", [r["image"] for r in adult],
-                         [int(r["PNEUMONIA"]) for r in adult])]
+    kermany_test = [(str(path), int(c == "PNEUMONIA")) for c in ("NORMAL", "PNEUMONIA")
+                    for path in sorted((Path(args.kermany) / "test" / c).glob("*"))]
+    brightness = [brightness_auroc("Kermany test split (children)", kermany_test),
+                  brightness_auroc("NIH sample, Pneumonia vs No Finding (adults)", adult)]
     parts = Parts(base / "parts.json")
     start = time.perf_counter()
 

@@ -100,12 +100,13 @@ def test_methods_are_tested_on_b_only_and_never_train_on_b_s_validation(sites, t
     table = (out / "table1.md").read_text()
     assert "| teacher | intermediate | student | supervised discriminator | ssl-gan |" in table
     assert f"Labeled images: ClassFolders(root={str(a)!r}" in table and "(eval_source)." in table
+    assert f"test images: ClassFolders(root={str(b)!r}" in table
     # MLflow names both sites on every stage's run
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'out.db'}")
     runs = client.search_runs([client.get_experiment_by_name("da").experiment_id], "attributes.status = 'FINISHED'")
-    stages = {r.data.tags.get("mlflow.runName"): r.data.params for r in runs}
+    params = {r.info.run_name.split("-lambda")[0]: r.data.params for r in runs}
     for stage in ("teacher", "student", "supervised_discriminator", "ssl_gan"):
-        params = next(p for name, p in stages.items() if name and name.startswith(stage))
-        assert f"root={str(a)!r}" in params["datasource"] and f"root={str(b)!r}" in params["eval_source"], stage
+        assert f"root={str(a)!r}" in params[stage]["datasource"], stage
+        assert f"root={str(b)!r}" in params[stage]["eval_source"], stage
