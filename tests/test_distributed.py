@@ -80,7 +80,7 @@ def ddp(tmp_path_factory):
     with open(log, "w") as f:
         proc = subprocess.Popen(_cli("pipeline", "demo", str(PAUSE_AFTER_EPOCH_1), "--nproc-per-node", "2",
                                      settings=settings), cwd=root, stdout=f, stderr=subprocess.STDOUT)
-    wait_for_pause(proc, root / "pause", log, timeout=300)
+    wait_for_pause(proc, root / "pause", log)
     workers = _workers(out)
     assert len(workers) == 2, workers
     os.kill(proc.pid, signal.SIGKILL)  # the launcher: the pipeline and torchrun's agent in it
@@ -91,7 +91,7 @@ def ddp(tmp_path_factory):
     orphans = _workers(out)
     resumed = run_processes(_cli("pipeline", "demo", str(PAUSE_AFTER_EPOCH_1), "--nproc-per-node", "2",
                                  settings=settings),  # no pause: epoch 1 is behind the resumed student
-                            timeout=400, cwd=root)
+                            timeout=600, cwd=root)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
     return {"root": root, "out": out, "common": common, "orphans": orphans, "stdout": resumed.stdout,
             "killed_log": log.read_text()}
