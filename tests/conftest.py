@@ -19,6 +19,13 @@ import pytest
 # clone runs).
 SHARED_DATA = Path(os.environ.get("MONAI_CXR_SSL_SHARED_DATA",
                                   Path(__file__).resolve().parents[2] / "shared" / "data"))
+# pytest-xdist's workers (`make test`) share the cores: each worker's torch, and the processes its tests start, get
+# CPUs / workers threads unless OMP_NUM_THREADS is set (as `launch` gives torchrun's processes). Oversubscribed,
+# OpenMP's threads spin against each other: two tiny pipelines side by side took 101 s with 2 threads each, 29 s
+# with 1 (2 cores, measured).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 # A training overlay: after epoch 1 (its last.pt written) the run touches ``<pause_file>.reached`` and waits, up to
 # 10 minutes, for ``<pause_file>.release``; a test kills it or releases it there, at a known point, with no race.
 PAUSE_AFTER_EPOCH_1 = Path(__file__).resolve().parent / "data" / "pause_after_epoch_1.json"
