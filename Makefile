@@ -24,9 +24,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/monai-cxr-ssl demo
 
-# Two pytest-xdist workers, a whole test file each at a time (its module fixtures made once), the long files first
-# (tests/conftest.py): one process at a time leaves a core idle through the suite's process start-ups, SQLite
-# writes and waits for killed runs.
+# Two pytest-xdist workers, a whole test file each at a time (its module fixtures made once), the long files first,
+# and torch on CPUs / workers threads each (tests/conftest.py): one process at a time leaves a core idle through the
+# suite's process start-ups, SQLite writes and waits for killed runs.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
