@@ -76,6 +76,12 @@ def multi_gpu_config(bundle: str | os.PathLike) -> str:
     return str(Path(bundle).resolve() / "configs" / MULTI_GPU)
 
 
+def omp_num_threads(processes: int) -> str:
+    """``OMP_NUM_THREADS`` for each of ``processes`` sharing this machine: as set, else CPUs / processes (at least
+    1); torch otherwise gives every process all the cores and their threads spin against each other."""
+    return os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+
+
 def _config(launch: Launch, run_id: str) -> Any:
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -114,8 +120,7 @@ def launch_workflow(
     run_id = hashlib.sha256(str(Path(stage_dir).resolve()).encode()).hexdigest()[:16]
     payload = json.dumps({"configs": files, "bundle": str(bundle), "overrides": overrides}, default=str)
     env = {locking.LAUNCHER_LOCKS: os.pathsep.join(str(p) for p in locking.held_locks()),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                             str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))}
+           "OMP_NUM_THREADS": omp_num_threads(launch.nproc_per_node)}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

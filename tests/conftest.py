@@ -15,17 +15,17 @@ from typing import Any
 
 import pytest
 
+from monai_cxr_ssl.launch import omp_num_threads
+
 # The real data beside the repository; MONAI_CXR_SSL_SHARED_DATA points elsewhere (a missing folder shows what a clean
 # clone runs).
 SHARED_DATA = Path(os.environ.get("MONAI_CXR_SSL_SHARED_DATA",
                                   Path(__file__).resolve().parents[2] / "shared" / "data"))
-# pytest-xdist's workers (`make test`) share the cores: each worker's torch, and the processes its tests start, get
-# CPUs / workers threads unless OMP_NUM_THREADS is set (as `launch` gives torchrun's processes). Oversubscribed,
-# OpenMP's threads spin against each other: two tiny pipelines side by side took 101 s with 2 threads each, 29 s
-# with 1 (2 cores, measured).
+# pytest-xdist's workers (`make test`) share the cores as torchrun's processes do: each worker's torch, and the
+# processes its tests start, get CPUs / workers threads (two tiny pipelines side by side on 2 cores took 101 s with 2
+# threads each, 29 s with 1). Set before any test module imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ["OMP_NUM_THREADS"] = omp_num_threads(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
 # A training overlay: after epoch 1 (its last.pt written) the run touches ``<pause_file>.reached`` and waits, up to
 # 10 minutes, for ``<pause_file>.release``; a test kills it or releases it there, at a known point, with no race.
 PAUSE_AFTER_EPOCH_1 = Path(__file__).resolve().parent / "data" / "pause_after_epoch_1.json"
@@ -199,7 +199,8 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
              "--artifacts-destination", str(self.root / "server-artifacts"), "--host", "127.0.0.1",
              "--port", self.uri.rsplit(":", 1)[1], "--workers", "1"],
-            # without MLflow's job runner (eight huey processes the tests never use: 28 s of CPU a start, measured)
+            # without MLflow's job runner: eight huey processes the tests never use (machine CPU over a start and 15 s:
+            # 39.4 and 37.2 s with it, 10.1 and 8.3 s without)
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )

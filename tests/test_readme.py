@@ -83,7 +83,7 @@ def test_readme_commands_run_as_written(tmp_path):
     env = {**os.environ, "DATA": str(data), "UNLABELED": str(unlabeled), "STUDIES": str(studies),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    # the timeout guards against a hang only: the commands took 829 s beside the other test worker (2 cores)
+    # the timeout guards against a hang only: the commands took 417 s beside the other test worker (2 cores)
     done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=workdir, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-8000:]
